@@ -1,0 +1,1 @@
+"""Code shared by every tollgate service: settings, serving, errors, deadlines, breakers."""
