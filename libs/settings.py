@@ -58,3 +58,21 @@ def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
             lines.append(f"  {var}: {err['msg']} (got {err.get('input')!r})")
         print("\n".join(lines), file=sys.stderr)
         raise SettingsError(2) from None
+
+
+class RedisSettings(BaseSettings):
+    """Mixin: the mesh's Redis and this deployment's key prefix."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    redis_url: str = shared_env("redis_url", "redis://127.0.0.1:6379/0")  # type: ignore[assignment]
+    # Every key starts with this, so several deployments (or test runs) share one Redis safely.
+    redis_prefix: str = shared_env("redis_prefix", "tg:")  # type: ignore[assignment]
+
+
+class DatabaseSettings(BaseSettings):
+    """Mixin: the control-plane PostgreSQL database."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    database_url: str = shared_env("database_url", "postgresql://postgres@127.0.0.1:5432/tollgate")  # type: ignore[assignment]
