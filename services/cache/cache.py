@@ -1,0 +1,144 @@
+"""The response cache: tiers asked in order, what is worth storing, per-tenant statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
+
+from libs.chat import TokenUsage
+from libs.deadlines import Deadline
+from libs.errors import DeadlineExceeded
+from services.cache.domain import (
+    CacheHit,
+    CacheKey,
+    CacheStats,
+    Counter,
+    InvalidationScope,
+    LookupOptions,
+    NewEntry,
+    TierHealth,
+    TierKind,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class CacheTier(Protocol):
+    """One way of answering from earlier generations (exact now; semantic next)."""
+
+    @property
+    def kind(self) -> TierKind: ...
+
+    async def lookup(self, key: CacheKey, options: LookupOptions, now: float) -> CacheHit | None: ...
+
+    async def store(self, key: CacheKey, entry: NewEntry, now: float) -> str:
+        """Store and return the entry id."""
+        ...
+
+    async def invalidate(self, scope: InvalidationScope) -> int: ...
+
+    def health(self) -> TierHealth: ...
+
+
+class StatsStore(Protocol):
+    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int]) -> None: ...
+
+    async def read_stats(self, tenant_id: str) -> dict[str, int]:
+        """Counters of one tenant, or summed over all tenants for ""."""
+        ...
+
+
+_HIT_COUNTER = {TierKind.EXACT: Counter.EXACT_HITS, TierKind.SEMANTIC: Counter.SEMANTIC_HITS}
+
+
+class ResponseCache:
+    """Lookup / store / invalidate / stats over the tiers, in the order given (cheapest first).
+
+    Cacheability policy (deterministic requests only, no-store, ...) is the router's:
+    this stores what it is given, provided it is worth a slot.
+    """
+
+    def __init__(self, tiers: Sequence[CacheTier], stats: StatsStore, *, default_ttl_s: int, max_ttl_s: int,
+                 max_entry_bytes: int, clock: Callable[[], float] = time.time):
+        if not tiers:
+            raise ValueError("at least one cache tier is required")
+        self._tiers = list(tiers)
+        self._stats = stats
+        self._default_ttl_s = default_ttl_s
+        self._max_ttl_s = max_ttl_s
+        self._max_entry_bytes = max_entry_bytes
+        self._clock = clock
+
+    async def lookup(self, key: CacheKey, options: LookupOptions = LookupOptions(),
+                     deadline: Deadline | None = None) -> CacheHit | None:
+        now = self._clock()
+        for tier in self._tiers:
+            if options.exact_only and tier.kind is not TierKind.EXACT:
+                continue
+            hit = await _bounded(_budget(deadline), tier.lookup(key, options, now))
+            if hit is not None:
+                await self._count(key.namespace.tenant_id, _HIT_COUNTER[hit.tier])
+                return hit
+        await self._count(key.namespace.tenant_id, Counter.MISSES)
+        return None
+
+    async def store(self, key: CacheKey, content: str, usage: TokenUsage, ttl_s: int = 0,
+                    deadline: Deadline | None = None) -> str | None:
+        """Store in every tier; the first tier's entry id, or None when the response is not worth storing."""
+        if not content.strip() or len(content.encode()) > self._max_entry_bytes:
+            return None
+        ttl = min(ttl_s or self._default_ttl_s, self._max_ttl_s)
+        entry = NewEntry(content=content, usage=usage, ttl_s=ttl)
+        now = self._clock()
+        ids = [await _bounded(_budget(deadline), tier.store(key, entry, now)) for tier in self._tiers]
+        await self._count(key.namespace.tenant_id, Counter.STORES)
+        return ids[0]
+
+    async def invalidate(self, scope: InvalidationScope, deadline: Deadline | None = None) -> int:
+        removed = 0
+        for tier in self._tiers:
+            removed += await _bounded(_budget(deadline), tier.invalidate(scope))
+        return removed
+
+    async def stats(self, tenant_id: str = "", deadline: Deadline | None = None) -> CacheStats:
+        counts = await _bounded(_budget(deadline), self._stats.read_stats(tenant_id))
+        unhealthy = [h for h in (t.health() for t in self._tiers) if h.degraded]
+        return CacheStats(
+            exact_hits=counts.get(Counter.EXACT_HITS, 0),
+            semantic_hits=counts.get(Counter.SEMANTIC_HITS, 0),
+            misses=counts.get(Counter.MISSES, 0),
+            stores=counts.get(Counter.STORES, 0),
+            degraded=bool(unhealthy),
+            degraded_detail="; ".join(h.detail for h in unhealthy),
+        )
+
+    async def _count(self, tenant_id: str, counter: Counter) -> None:
+        # Counters are best effort: they must never turn a served answer into an error.
+        try:
+            await self._stats.incr_stats(tenant_id, {counter.value: 1})
+        except Exception as exc:
+            log.warning("cache stats update failed: %s", type(exc).__name__)
+
+
+def _budget(deadline: Deadline | None) -> float | None:
+    # Evaluated before the backend call is even created: nothing starts that cannot finish.
+    return None if deadline is None else deadline.hop_timeout(0.0)
+
+
+async def _bounded(budget: float | None, call: Awaitable[T]) -> T:
+    """Run one backend call inside what is left of the request's deadline."""
+    if budget is None:
+        return await call
+    timeout = asyncio.timeout(budget)
+    try:
+        async with timeout:
+            return await call
+    except TimeoutError:
+        if timeout.expired():
+            raise DeadlineExceeded("deadline exceeded in the cache backend") from None
+        raise

@@ -1,0 +1,120 @@
+"""gRPC CacheService: validate, translate protobuf <-> domain, call the ResponseCache."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import timestamp_pb2
+from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
+from tollgate.common.v1 import common_pb2
+
+from libs.chat import (
+    messages_from_proto,
+    params_from_proto,
+    usage_from_proto,
+    usage_to_proto,
+    validate_messages,
+    validate_params,
+)
+from libs.deadlines import Deadline
+from libs.errors import Violations
+from services.cache.cache import ResponseCache
+from services.cache.domain import CacheHit, CacheKey, InvalidationScope, LookupOptions, Namespace, TierKind
+from services.cache.settings import CacheSettings
+
+_TIER_TO_PROTO = {TierKind.EXACT: common_pb2.CACHE_TIER_EXACT, TierKind.SEMANTIC: common_pb2.CACHE_TIER_SEMANTIC}
+
+
+class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
+    def __init__(self, cache: ResponseCache, settings: CacheSettings):
+        self._cache = cache
+        self._settings = settings
+
+    async def Lookup(self, request: cache_pb2.LookupRequest,
+                     context: grpc.aio.ServicerContext) -> cache_pb2.LookupResponse:
+        v = Violations()
+        self._check_key(request.key, v)
+        v.raise_if_any()
+        options = LookupOptions(exact_only=request.exact_only, max_age_s=float(request.max_age_seconds),
+                                allow_stale=request.allow_stale)
+        hit = await self._cache.lookup(_key_from_proto(request.key), options, self._deadline(context))
+        if hit is None:
+            return cache_pb2.LookupResponse(tier=common_pb2.CACHE_TIER_MISS)
+        return _hit_to_proto(hit)
+
+    async def Store(self, request: cache_pb2.StoreRequest,
+                    context: grpc.aio.ServicerContext) -> cache_pb2.StoreResponse:
+        v = Violations()
+        self._check_key(request.key, v)
+        v.check(bool(request.content.strip()), "content", "must not be empty")
+        v.check(request.ttl_seconds <= self._settings.max_ttl_s, "ttl_seconds",
+                f"must be at most {self._settings.max_ttl_s} (0 means the default)")
+        v.raise_if_any()
+        entry_id = await self._cache.store(_key_from_proto(request.key), request.content,
+                                           usage_from_proto(request.usage), request.ttl_seconds,
+                                           self._deadline(context))
+        # An empty entry_id tells the caller the response was not worth storing (too large).
+        return cache_pb2.StoreResponse(entry_id=entry_id or "")
+
+    async def Invalidate(self, request: cache_pb2.InvalidateRequest,
+                         context: grpc.aio.ServicerContext) -> cache_pb2.InvalidateResponse:
+        v = Violations()
+        # Required: an empty tenant must not read as "every tenant".
+        self._check_id(request.tenant_id, "tenant_id", v, required=True)
+        self._check_id(request.model_class, "model_class", v)
+        self._check_id(request.prompt_version, "prompt_version", v)
+        v.raise_if_any()
+        scope = InvalidationScope(request.tenant_id, request.model_class or None, request.prompt_version or None)
+        removed = await self._cache.invalidate(scope, self._deadline(context))
+        return cache_pb2.InvalidateResponse(removed_entries=removed)
+
+    async def GetStats(self, request: cache_pb2.GetStatsRequest,
+                       context: grpc.aio.ServicerContext) -> cache_pb2.GetStatsResponse:
+        v = Violations()
+        # Empty tenant_id: the counters summed over every tenant.
+        self._check_id(request.tenant_id, "tenant_id", v)
+        v.raise_if_any()
+        s = await self._cache.stats(request.tenant_id, self._deadline(context))
+        return cache_pb2.GetStatsResponse(exact_hits=s.exact_hits, semantic_hits=s.semantic_hits, misses=s.misses,
+                                          stores=s.stores, degraded=s.degraded, degraded_detail=s.degraded_detail)
+
+    # --- helpers ---
+    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
+        timeout = self._settings.request_timeout_s
+        return Deadline.from_remaining(context.time_remaining(), default_s=timeout, max_s=timeout)
+
+    def _check_id(self, value: str, field: str, v: Violations, *, required: bool = False) -> None:
+        limit = self._settings.max_id_chars
+        if not value:
+            v.check(not required, field, "is required")
+        elif len(value) > limit:
+            v.add(field, f"must be at most {limit} characters")
+        elif not value.isprintable() or value != value.strip():
+            v.add(field, "must be printable, without leading or trailing whitespace")
+
+    def _check_key(self, key: cache_pb2.CacheKeyInput, v: Violations) -> None:
+        ns = key.namespace
+        self._check_id(ns.tenant_id, "key.namespace.tenant_id", v, required=True)
+        self._check_id(ns.model_class, "key.namespace.model_class", v)
+        self._check_id(ns.system_prompt_hash, "key.namespace.system_prompt_hash", v)
+        self._check_id(ns.prompt_version, "key.namespace.prompt_version", v)
+        self._check_id(key.model, "key.model", v, required=True)
+        validate_messages(key.messages, v, field_prefix="key.messages")
+        validate_params(key.params, v, field_prefix="key.params")
+
+
+def _key_from_proto(key: cache_pb2.CacheKeyInput) -> CacheKey:
+    ns = key.namespace
+    return CacheKey(
+        namespace=Namespace(ns.tenant_id, ns.model_class, ns.system_prompt_hash, ns.prompt_version),
+        model=key.model,
+        messages=tuple(messages_from_proto(key.messages)),
+        params=params_from_proto(key.params),
+    )
+
+
+def _hit_to_proto(hit: CacheHit) -> cache_pb2.LookupResponse:
+    stored_at = timestamp_pb2.Timestamp()
+    stored_at.FromNanoseconds(int(hit.stored_at * 1e9))
+    return cache_pb2.LookupResponse(tier=_TIER_TO_PROTO[hit.tier], content=hit.content, usage=usage_to_proto(hit.usage),
+                                    model=hit.model, entry_id=hit.entry_id, similarity=hit.similarity,
+                                    stale=hit.stale, stored_at=stored_at)

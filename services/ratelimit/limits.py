@@ -1,0 +1,242 @@
+"""Which limits apply to a request: subjects, levels, and where the configured numbers come from.
+
+A request is limited at every level of the tenant hierarchy it belongs to (key, team, org,
+client IP, global). The numbers live in PostgreSQL's ``limits`` table (0 = unlimited);
+:class:`PostgresLimitStore` keeps the whole table in memory and reloads it in the background,
+so the hot path never waits on PostgreSQL.
+
+Resolution for one level (first match wins):
+1. the row ``(scope, scope_id)``;
+2. the row ``(scope, '*')`` — a default for every id of that scope (e.g. all client IPs);
+3. for keys only, the service's configured per-key default.
+Global limits are every row with scope ``global`` whatever its scope_id (several such rows
+are merged, the strictest non-zero number per kind winning).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+import asyncpg
+
+from services.ratelimit.periodic import PeriodicTask
+
+log = logging.getLogger(__name__)
+
+WILDCARD = "*"
+
+
+class Scope(StrEnum):
+    """A level of the tenant hierarchy; values are the ``limits.scope`` column's."""
+
+    KEY = "key"
+    TEAM = "team"
+    ORG = "org"
+    CLIENT_IP = "client_ip"
+    GLOBAL = "global"
+
+
+class Kind(StrEnum):
+    """What a limit counts; values are the ``limits`` column names."""
+
+    REQUESTS_PER_MINUTE = "requests_per_minute"
+    TOKENS_PER_MINUTE = "tokens_per_minute"
+    TOKENS_PER_DAY = "tokens_per_day"
+
+    @property
+    def period_s(self) -> int:
+        """The bucket refills completely over this many seconds."""
+        return 86_400 if self is Kind.TOKENS_PER_DAY else 60
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Token kinds cost the estimate and are settled on commit; request kinds cost 1."""
+        return self is not Kind.REQUESTS_PER_MINUTE
+
+    @property
+    def short(self) -> str:
+        return _SHORT[self]
+
+
+_SHORT = {Kind.REQUESTS_PER_MINUTE: "rpm", Kind.TOKENS_PER_MINUTE: "tpm", Kind.TOKENS_PER_DAY: "tpd"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The configured numbers of one level; 0 means unlimited."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+
+    def get(self, kind: Kind) -> int:
+        return int(getattr(self, kind.value))
+
+    def active(self) -> list[tuple[Kind, int]]:
+        """The kinds that are limited, with their limits."""
+        return [(kind, self.get(kind)) for kind in Kind if self.get(kind) > 0]
+
+    @staticmethod
+    def strictest(a: Limits, b: Limits) -> Limits:
+        def pick(x: int, y: int) -> int:
+            return min(x, y) if x and y else (x or y)
+
+        return Limits(*(pick(a.get(k), b.get(k)) for k in Kind))
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Everything a request is limited by. ``client_ip`` may be empty (no per-IP limit then)."""
+
+    org_id: str
+    team_id: str
+    key_id: str
+    client_ip: str = ""
+
+    def levels(self) -> list[tuple[Scope, str]]:
+        out = [(Scope.KEY, self.key_id), (Scope.TEAM, self.team_id), (Scope.ORG, self.org_id)]
+        if self.client_ip:
+            out.append((Scope.CLIENT_IP, self.client_ip))
+        out.append((Scope.GLOBAL, ""))
+        return out
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level a request is limited at, with the limits configured for it."""
+
+    scope: Scope
+    scope_id: str
+    limits: Limits
+
+    @property
+    def subject(self) -> str:
+        """How a quota violation names this level: ``key:<id>``, ``team:<id>``, …, ``global``."""
+        return self.scope.value if self.scope is Scope.GLOBAL else f"{self.scope.value}:{self.scope_id}"
+
+
+class LimitTable:
+    """An immutable snapshot of the configured limits, resolved per subject."""
+
+    def __init__(self, rows: Mapping[tuple[Scope, str], Limits] | None = None, *,
+                 key_default: Limits = Limits()):
+        self._rows: dict[tuple[Scope, str], Limits] = {}
+        self._global = Limits()
+        for (scope, scope_id), limits in (rows or {}).items():
+            if scope is Scope.GLOBAL:
+                self._global = Limits.strictest(self._global, limits)
+            else:
+                self._rows[(scope, scope_id)] = limits
+        self._key_default = key_default
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def resolve(self, scope: Scope, scope_id: str) -> Limits:
+        if scope is Scope.GLOBAL:
+            return self._global
+        found = self._rows.get((scope, scope_id)) or self._rows.get((scope, WILDCARD))
+        if found is not None:
+            return found
+        return self._key_default if scope is Scope.KEY else Limits()
+
+    def levels_for(self, subject: Subject) -> list[Level]:
+        """Every level of the subject that has at least one limit."""
+        levels = [Level(scope, scope_id, self.resolve(scope, scope_id)) for scope, scope_id in subject.levels()]
+        return [level for level in levels if level.limits.active()]
+
+
+class LimitStore(Protocol):
+    """Where the configured limits come from. ``levels_for`` is called on the hot path: no I/O."""
+
+    def levels_for(self, subject: Subject) -> list[Level]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class StaticLimitStore:
+    """Fixed limits: the configured defaults (no database), or any rows a test hands in."""
+
+    def __init__(self, rows: Mapping[tuple[Scope, str], Limits] | None = None, *,
+                 key_default: Limits = Limits()):
+        self._key_default = key_default
+        self._table = LimitTable(rows, key_default=key_default)
+
+    def set_rows(self, rows: Mapping[tuple[Scope, str], Limits]) -> None:
+        self._table = LimitTable(rows, key_default=self._key_default)
+
+    def levels_for(self, subject: Subject) -> list[Level]:
+        return self._table.levels_for(subject)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+_SELECT = "SELECT scope, scope_id, requests_per_minute, tokens_per_minute, tokens_per_day FROM limits"
+
+
+def rows_to_table(rows: Iterable[Mapping[str, Any]], key_default: Limits) -> LimitTable:
+    parsed: dict[tuple[Scope, str], Limits] = {}
+    for row in rows:
+        try:
+            scope = Scope(row["scope"])
+        except ValueError:
+            continue  # the table's CHECK constraint forbids this; a newer scope is ignored, not fatal
+        parsed[(scope, str(row["scope_id"]))] = Limits(
+            int(row["requests_per_minute"]), int(row["tokens_per_minute"]), int(row["tokens_per_day"]))
+    return LimitTable(parsed, key_default=key_default)
+
+
+class PostgresLimitStore:
+    """The ``limits`` table, held in memory and reloaded every ``refresh_s`` by a background task.
+
+    If PostgreSQL cannot be read, the last good snapshot stays in force (at start: the defaults
+    only) and loading is retried on the next tick; a rate limiter that refuses to start because
+    its config store blinked would take the whole gateway down with it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, key_default: Limits = Limits(), refresh_s: float = 2.0,
+                 query_timeout_s: float = 5.0):
+        self._pool = pool
+        self._key_default = key_default
+        self._table = LimitTable(key_default=key_default)
+        self._query_timeout_s = query_timeout_s
+        self._task = PeriodicTask("limits-refresh", refresh_s, self._refresh_quietly)
+        # Monotonic time of the last successful load; None until the first one.
+        self.loaded_at: float | None = None
+
+    def levels_for(self, subject: Subject) -> list[Level]:
+        return self._table.levels_for(subject)
+
+    async def refresh(self) -> int:
+        """Load the whole table now; returns the number of rows. Raises if PostgreSQL fails."""
+        rows = await self._pool.fetch(_SELECT, timeout=self._query_timeout_s)
+        self._table = rows_to_table(rows, self._key_default)
+        if self.loaded_at is None:
+            log.info("loaded %d limit rows", len(rows))
+        self.loaded_at = time.monotonic()
+        return len(rows)
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:
+            # Any failure (connection, timeout, missing table) keeps the old snapshot.
+            log.warning("could not reload limits, keeping the previous ones: %s: %s", type(exc).__name__, exc)
+
+    async def start(self) -> None:
+        await self._refresh_quietly()
+        self._task.start()
+
+    async def close(self) -> None:
+        await self._task.stop()

@@ -1,0 +1,1 @@
+"""Retrieval service: tenant-isolated chunking, embedding and vector search over Qdrant."""

@@ -1,0 +1,413 @@
+"""The request path (DESIGN.md steps 1-10), free of gRPC.
+
+``Gateway.generate`` yields text deltas and then one :class:`Summary`. Downstream
+services sit behind the Protocols below; ``services/router/downstreams.py``
+implements them over gRPC, tests can use real services or in-process ones.
+
+Settlement (commit the reservation, store the answer, record usage) runs in a
+tracked background task so it happens exactly once on every exit path (done,
+error, client cancel) without holding up the response; ``aclose`` drains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from libs.chat import (
+    ChatMessage,
+    FinishReason,
+    GenerationChunk,
+    GenerationParams,
+    Principal,
+    TokenUsage,
+    system_prompt_hash,
+)
+from libs.deadlines import Deadline
+from libs.errors import (
+    DeadlineExceeded,
+    Overloaded,
+    PermissionDenied,
+    QuotaExceeded,
+    TollgateError,
+    Unavailable,
+    Violations,
+)
+from libs.tokens import estimate_prompt_tokens, estimate_tokens
+from services.router.keys import KeyRecord
+from services.router.pricing import FREE, Price
+from services.router.registry import ModelEntry, Registry
+from services.router.usage import UsageEvent, UsageRecorder, utcnow
+
+log = logging.getLogger(__name__)
+
+AUTO_MODEL = "auto"
+
+
+# --- what the router asks of its downstreams ----------------------------------------
+
+@dataclass(frozen=True)
+class CacheNamespace:
+    tenant_id: str
+    model_class: str
+    system_prompt_hash: str
+    prompt_version: str
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    content: str
+    usage: TokenUsage
+    model: str
+    tier: str  # "exact" | "semantic"
+    stale: bool
+
+
+@dataclass(frozen=True)
+class Reservation:
+    reservation_id: str
+    prefer_cheaper: bool
+    degraded: bool
+
+
+class CacheClient(Protocol):
+    async def lookup(self, ns: CacheNamespace, model: str, messages: list[ChatMessage], params: GenerationParams,
+                     *, max_age_s: int, allow_stale: bool, exact_only: bool,
+                     deadline: Deadline) -> CachedAnswer | None: ...
+
+    async def store(self, ns: CacheNamespace, model: str, messages: list[ChatMessage], params: GenerationParams,
+                    content: str, usage: TokenUsage, deadline: Deadline) -> None: ...
+
+
+class RateLimitClient(Protocol):
+    async def reserve(self, principal: Principal, client_ip: str, request_id: str, estimated_tokens: int,
+                      estimated_cost_nano_usd: int, deadline: Deadline) -> Reservation: ...
+
+    async def commit(self, reservation_id: str, actual_tokens: int, actual_cost_nano_usd: int,
+                     deadline: Deadline) -> None: ...
+
+    async def release(self, reservation_id: str, deadline: Deadline) -> None: ...
+
+
+class InferenceClient(Protocol):
+    def is_open(self, target: str) -> bool: ...
+
+    def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
+                 params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]: ...
+
+
+# --- the request ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CachePolicy:
+    no_cache: bool = False
+    no_store: bool = False
+    no_semantic: bool = False
+    max_age_s: int = 0
+    allow_nondeterministic: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateCommand:
+    model: str
+    messages: list[ChatMessage]
+    params: GenerationParams
+    fallback_models: tuple[str, ...] = ()
+    cache: CachePolicy = CachePolicy()
+    user_id: str = ""
+    prompt_version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    client_ip: str = ""
+
+
+@dataclass
+class Summary:
+    request_id: str
+    model: str
+    provider: str
+    usage: TokenUsage
+    cost_nano_usd: int
+    saved_nano_usd: int
+    cache_tier: str  # "miss" | "exact" | "semantic"
+    degraded_reasons: list[str]
+    finish_reason: FinishReason
+    latency_s: float
+    price_version: int
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reasons)
+
+
+@dataclass
+class _Attempt:
+    """Mutable state of one request, read by settlement whatever way the request ends."""
+
+    request_id: str
+    key: KeyRecord
+    cmd: GenerateCommand
+    started_at: datetime
+    t0: float
+    model: ModelEntry | None = None
+    provider: str = ""
+    price: Price = FREE
+    reservation: Reservation | None = None
+    text: list[str] = field(default_factory=list)
+    usage: TokenUsage | None = None
+    finish: FinishReason | None = None
+    cache_tier: str = "miss"
+    saved_nano_usd: int = 0
+    degraded: list[str] = field(default_factory=list)
+    status: str = "ok"
+    error_reason: str = ""
+    store_ns: CacheNamespace | None = None
+
+    def billed_usage(self) -> TokenUsage:
+        if self.usage is not None:
+            return self.usage
+        if not self.text:
+            return TokenUsage()  # nothing was generated: nothing to bill
+        # Cut off before the engine reported usage: bill what was sent and generated.
+        return TokenUsage(estimate_prompt_tokens(m.content for m in self.cmd.messages),
+                          sum(estimate_tokens(t) for t in self.text), 0)
+
+
+class Gateway:
+    def __init__(self, *, registry: Registry, cache: CacheClient, ratelimit: RateLimitClient,
+                 inference: InferenceClient, usage: UsageRecorder, default_max_output_tokens: int,
+                 side_call_timeout_s: float):
+        self._registry = registry
+        self._cache = cache
+        self._ratelimit = ratelimit
+        self._inference = inference
+        self._usage = usage
+        self._default_max_output = default_max_output_tokens
+        self._side_timeout = side_call_timeout_s
+        self._pending: set[asyncio.Task[None]] = set()
+
+    # --- step 3: the model chain ---------------------------------------------------
+
+    def resolve_chain(self, key: KeyRecord, cmd: GenerateCommand) -> list[ModelEntry]:
+        v = Violations()
+        names = [cmd.model, *cmd.fallback_models]
+        chain: list[ModelEntry] = []
+        for i, name in enumerate(names):
+            path = "input.model" if i == 0 else f"input.fallback_models[{i - 1}]"
+            if name == AUTO_MODEL and i == 0:
+                entry = self._auto_model(key)
+                if entry is None:
+                    v.add(path, "no registered model is available to this key for 'auto'")
+                    continue
+            else:
+                found = self._registry.model(name)
+                if found is None:
+                    v.add(path, f"unknown model {name!r}")
+                    continue
+                entry = found
+            if not key.may_use(entry.name):
+                raise PermissionDenied(f"this key may not use model {entry.name!r}")
+            if entry not in chain:
+                chain.append(entry)
+        v.raise_if_any()
+        return chain
+
+    def _auto_model(self, key: KeyRecord) -> ModelEntry | None:
+        # Until the complexity router lands (issue 7), "auto" means the cheapest tier this key may use.
+        usable = [m for m in self._registry.models() if key.may_use(m.name)]
+        usable.sort(key=lambda m: (m.cost_tier != "cheap", m.name))
+        return usable[0] if usable else None
+
+    # --- the request path ------------------------------------------------------------
+
+    async def generate(self, key: KeyRecord, cmd: GenerateCommand, deadline: Deadline,
+                       request_id: str | None = None) -> AsyncIterator[str | Summary]:
+        attempt = _Attempt(request_id or uuid.uuid4().hex, key, cmd, utcnow(), time.monotonic())
+        chain = self.resolve_chain(key, cmd)
+        attempt.model = chain[0]
+        attempt.price = self._price(chain[0])
+        ns = CacheNamespace(key.principal.org_id, chain[0].name, system_prompt_hash(cmd.messages),
+                            cmd.prompt_version)
+        cacheable = cmd.params.deterministic or cmd.cache.allow_nondeterministic
+        try:
+            # Step 4: cache (fail open).
+            if cacheable and not cmd.cache.no_cache:
+                hit = await self._lookup(ns, chain[0], cmd, deadline, allow_stale=False)
+                if hit is not None:
+                    self._serve_hit(attempt, hit)
+                    yield hit.content
+                    yield self._summary(attempt)
+                    return
+            # Step 6: reserve capacity.
+            await self._reserve(attempt, deadline)
+            # Steps 7-8: generate through the first healthy member of the chain.
+            async for delta in self._generate_through_chain(attempt, chain, deadline):
+                yield delta
+            if attempt.finish is None:  # every backend failed: degraded path
+                hit = (await self._lookup(ns, chain[0], cmd, deadline, allow_stale=True)
+                       if not cmd.cache.no_cache else None)
+                if hit is None:
+                    raise Unavailable(f"no backend can serve {chain[0].name!r} right now and no cached answer "
+                                      "exists; retry shortly", reason="NO_BACKEND")
+                self._serve_hit(attempt, hit)
+                attempt.degraded.append("no_backend")
+                yield hit.content
+            elif cacheable and not cmd.cache.no_store and attempt.finish in (FinishReason.STOP, FinishReason.LENGTH):
+                attempt.store_ns = ns
+            yield self._summary(attempt)
+        except asyncio.CancelledError:
+            attempt.status, attempt.finish = "cancelled", FinishReason.CANCELLED
+            raise
+        except GeneratorExit:
+            attempt.status, attempt.finish = "cancelled", FinishReason.CANCELLED
+            raise
+        except QuotaExceeded as exc:
+            attempt.status, attempt.error_reason = "rejected", exc.reason
+            raise
+        except TollgateError as exc:
+            attempt.status, attempt.error_reason = "error", exc.reason
+            raise
+        except Exception:
+            attempt.status, attempt.error_reason = "error", "INTERNAL_ERROR"
+            raise
+        finally:
+            self._spawn(self._settle(attempt))
+
+    async def _lookup(self, ns: CacheNamespace, model: ModelEntry, cmd: GenerateCommand, deadline: Deadline,
+                      *, allow_stale: bool) -> CachedAnswer | None:
+        try:
+            return await self._cache.lookup(ns, model.name, cmd.messages, cmd.params,
+                                            max_age_s=cmd.cache.max_age_s, allow_stale=allow_stale,
+                                            exact_only=cmd.cache.no_semantic, deadline=self._side(deadline))
+        except (Unavailable, DeadlineExceeded) as exc:
+            log.warning("cache lookup skipped: %s", exc.reason)
+            return None
+
+    def _serve_hit(self, attempt: _Attempt, hit: CachedAnswer) -> None:
+        attempt.cache_tier = hit.tier
+        attempt.text = [hit.content]
+        attempt.finish = FinishReason.STOP
+        attempt.provider = "cache"
+        # A hit costs nothing and is recorded with what it saved (the generation it replaced).
+        attempt.saved_nano_usd = attempt.price.cost(hit.usage)
+        attempt.usage = TokenUsage(0, 0, 0)
+        if hit.stale:
+            attempt.degraded.append("stale_cache")
+
+    async def _reserve(self, attempt: _Attempt, deadline: Deadline) -> None:
+        cmd = attempt.cmd
+        max_out = cmd.params.max_output_tokens or self._default_max_output
+        estimate = TokenUsage(estimate_prompt_tokens(m.content for m in cmd.messages), max_out)
+        try:
+            attempt.reservation = await self._ratelimit.reserve(
+                attempt.key.principal, cmd.client_ip, attempt.request_id, estimate.total,
+                attempt.price.cost(estimate), self._side(deadline))
+        except (Unavailable, DeadlineExceeded) as exc:
+            # Fail open: the limiter being down must not take the gateway down (DESIGN: local limiter
+            # stands in; until that lands the request is admitted and marked).
+            log.warning("ratelimit unavailable (%s): admitting request %s unreserved", exc.reason,
+                        attempt.request_id)
+            attempt.degraded.append("ratelimit_unavailable")
+            return
+        if attempt.reservation.degraded:
+            attempt.degraded.append("ratelimit_unavailable")
+
+    async def _generate_through_chain(self, attempt: _Attempt, chain: list[ModelEntry],
+                                      deadline: Deadline) -> AsyncIterator[str]:
+        cmd = attempt.cmd
+        params = cmd.params
+        if not params.max_output_tokens:
+            params = GenerationParams(params.temperature, params.top_p, self._default_max_output, params.stop,
+                                      params.seed)
+        last_error: TollgateError | None = None
+        for model in chain:
+            if self._inference.is_open(model.inference_target):
+                last_error = Unavailable(f"{model.name} backend circuit open", reason="BREAKER_OPEN")
+                continue
+            attempt.model, attempt.price = model, self._price(model)
+            try:
+                async for chunk in self._inference.generate(model.inference_target, attempt.request_id,
+                                                            model.name, cmd.messages, params, deadline):
+                    if chunk.delta:
+                        attempt.text.append(chunk.delta)
+                        yield chunk.delta
+                    if chunk.finish_reason is not None:
+                        attempt.finish = chunk.finish_reason
+                        attempt.usage = chunk.usage
+                        attempt.provider = chunk.provider
+                return
+            except (Unavailable, Overloaded, QuotaExceeded) as exc:
+                if attempt.text:
+                    raise  # tokens already reached the client: cannot switch models mid-answer
+                log.warning("model %s failed (%s); trying the next in the chain", model.name, exc.reason)
+                last_error = exc
+        if last_error is not None:
+            log.warning("every backend failed for request %s: %s", attempt.request_id, last_error.reason)
+
+    def _price(self, model: ModelEntry) -> Price:
+        return self._registry.price(model.name, utcnow()) or FREE
+
+    def _side(self, deadline: Deadline) -> Deadline:
+        """Side calls (cache, limiter) get a short leash inside the request's deadline."""
+        return Deadline(min(deadline.expires_at, time.monotonic() + self._side_timeout), deadline.from_caller)
+
+    def _summary(self, attempt: _Attempt) -> Summary:
+        usage = attempt.billed_usage()
+        assert attempt.model is not None
+        return Summary(
+            request_id=attempt.request_id, model=attempt.model.name, provider=attempt.provider,
+            usage=usage, cost_nano_usd=attempt.price.cost(usage), saved_nano_usd=attempt.saved_nano_usd,
+            cache_tier=attempt.cache_tier, degraded_reasons=list(attempt.degraded),
+            finish_reason=attempt.finish or FinishReason.STOP, latency_s=time.monotonic() - attempt.t0,
+            price_version=attempt.price.version)
+
+    # --- settlement (steps 8-10), off the critical path ----------------------------------
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, attempt: _Attempt) -> None:
+        usage = attempt.billed_usage()
+        cost = attempt.price.cost(usage)
+        settle_deadline = Deadline.after(5.0)
+        try:
+            if attempt.reservation is not None:
+                if attempt.text or attempt.usage:
+                    await self._ratelimit.commit(attempt.reservation.reservation_id, usage.total, cost,
+                                                 settle_deadline)
+                else:
+                    await self._ratelimit.release(attempt.reservation.reservation_id, settle_deadline)
+        except TollgateError as exc:
+            # An uncommitted reservation expires and is refunded by the limiter itself.
+            log.warning("reservation %s not settled: %s", attempt.request_id, exc.reason)
+        if attempt.store_ns is not None and attempt.model is not None:
+            try:
+                await self._cache.store(attempt.store_ns, attempt.model.name, attempt.cmd.messages,
+                                        attempt.cmd.params, "".join(attempt.text), usage, settle_deadline)
+            except TollgateError as exc:
+                log.warning("cache store skipped: %s", exc.reason)
+        if attempt.model is None:
+            return  # rejected before a model was chosen: nothing was served or billed
+        await self._usage.record(UsageEvent(
+            request_id=attempt.request_id, started_at=attempt.started_at, finished_at=utcnow(),
+            org_id=attempt.key.principal.org_id, team_id=attempt.key.principal.team_id,
+            key_id=attempt.key.key_id, model=attempt.model.name, provider=attempt.provider,
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens, cost_nano_usd=cost,
+            saved_nano_usd=attempt.saved_nano_usd, price_version=attempt.price.version or None,
+            cache_tier=attempt.cache_tier, status=attempt.status, error_reason=attempt.error_reason,
+            latency_ms=int((time.monotonic() - attempt.t0) * 1000), degraded=bool(attempt.degraded),
+            labels=dict(attempt.cmd.labels)))
+
+    async def aclose(self) -> None:
+        """Wait for in-flight settlements (shutdown must not lose usage)."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+

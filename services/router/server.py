@@ -1,0 +1,98 @@
+"""Router process: wires PostgreSQL, Redis, downstream clients, the gateway and both servicers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import redis.asyncio as redis
+from tollgate.router.v1 import admin_pb2_grpc, router_pb2_grpc
+
+from libs.breaker import Breaker
+from libs.clients import Downstream
+from libs.grpc_server import ServiceBinding, run, serve_until_stopped
+from libs.settings import load_settings
+from services.router.bootstrap import apply_migrations
+from services.router.control import ControlPlane
+from services.router.db import create_pool
+from services.router.downstreams import GrpcCacheClient, GrpcInferenceClient, GrpcRateLimitClient
+from services.router.gateway import Gateway
+from services.router.keys import Authenticator
+from services.router.registry import Registry
+from services.router.servicer import AdminServicer, RouterServicer
+from services.router.settings import RouterSettings
+from services.router.usage import LedgerWriter, UsageRecorder
+
+log = logging.getLogger(__name__)
+
+
+async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Callable[[], Awaitable[None]]]:
+    await apply_migrations(settings.database_url)
+    pool = await create_pool(settings.database_url)
+    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    control = ControlPlane(pool)
+    registry = Registry(pool, settings.registry_refresh_s)
+    await registry.load()
+    auth = Authenticator(control, cache_ttl_s=settings.key_cache_ttl_s)
+
+    margin, side_cap = settings.hop_margin_s, settings.side_call_timeout_s
+    cache_ds = Downstream("cache", settings.cache_target, breaker=Breaker("cache"), margin_s=margin, cap_s=side_cap)
+    ratelimit_ds = Downstream("ratelimit", settings.ratelimit_target, breaker=Breaker("ratelimit"),
+                              margin_s=margin, cap_s=side_cap)
+    inference = GrpcInferenceClient(margin_s=settings.hop_margin_s, cap_s=settings.max_timeout_s,
+                                    fail_max=settings.breaker_fail_max,
+                                    reset_timeout_s=settings.breaker_reset_timeout_s)
+    stream_key = f"{settings.redis_prefix}{settings.usage_stream}"
+    recorder = UsageRecorder(redis_client, stream_key, Path(settings.data_dir) / "spool")
+    gateway = Gateway(registry=registry, cache=GrpcCacheClient(cache_ds), ratelimit=GrpcRateLimitClient(ratelimit_ds),
+                      inference=inference, usage=recorder,
+                      default_max_output_tokens=settings.default_max_output_tokens,
+                      side_call_timeout_s=settings.side_call_timeout_s)
+
+    background = [asyncio.create_task(registry.refresh_forever(), name="registry-refresh"),
+                  asyncio.create_task(recorder.replay_forever(), name="usage-spool-replay")]
+    if settings.run_ledger_writer:
+        writer = LedgerWriter(redis_client, pool, stream_key, consumer=f"{socket.gethostname()}-{os.getpid()}",
+                              batch_size=settings.ledger_batch_size)
+        background.append(asyncio.create_task(writer.run_forever(), name="ledger-writer"))
+
+    router = RouterServicer(gateway, auth, default_timeout_s=settings.default_timeout_s,
+                            max_timeout_s=settings.max_timeout_s)
+    admin = AdminServicer(control, auth, registry)
+    bindings = [
+        ServiceBinding("tollgate.router.v1.RouterService",
+                       lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(router, s)),
+        ServiceBinding("tollgate.router.v1.AdminService",
+                       lambda s: admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, s)),
+    ]
+
+    async def close() -> None:
+        # In-flight settlements first (they record usage), then let the writer flush, then close.
+        await gateway.aclose()
+        await asyncio.sleep(0)
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await inference.aclose()
+        await cache_ds.close()
+        await ratelimit_ds.close()
+        await redis_client.aclose()
+        await pool.close()
+
+    return bindings, close
+
+
+async def serve(settings: RouterSettings) -> None:
+    await serve_until_stopped(settings, "router", lambda: build(settings))
+
+
+def main() -> None:
+    settings = load_settings(RouterSettings)
+    run(lambda: serve(settings), service="router", log_level=settings.log_level)

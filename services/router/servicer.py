@@ -1,0 +1,277 @@
+"""RouterService and AdminService: protobuf <-> domain translation only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from tollgate.common.v1 import common_pb2
+from tollgate.router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
+
+from libs.chat import (
+    finish_to_proto,
+    messages_from_proto,
+    params_from_proto,
+    usage_to_proto,
+    validate_messages,
+    validate_params,
+)
+from libs.deadlines import Deadline
+from libs.errors import Violations
+from services.router.control import ControlPlane
+from services.router.gateway import CachePolicy, Gateway, GenerateCommand, Summary
+from services.router.keys import Authenticator, KeyRecord, require_admin
+from services.router.registry import Registry
+
+_TIER = {"miss": common_pb2.CACHE_TIER_MISS, "exact": common_pb2.CACHE_TIER_EXACT,
+         "semantic": common_pb2.CACHE_TIER_SEMANTIC}
+_DEGRADED = {
+    "no_backend": router_pb2.DEGRADED_REASON_NO_BACKEND,
+    "stale_cache": router_pb2.DEGRADED_REASON_NO_BACKEND,
+    "budget": router_pb2.DEGRADED_REASON_BUDGET,
+    "load": router_pb2.DEGRADED_REASON_LOAD,
+    "retrieval_unavailable": router_pb2.DEGRADED_REASON_RETRIEVAL_UNAVAILABLE,
+    "ratelimit_unavailable": router_pb2.DEGRADED_REASON_RATELIMIT_UNAVAILABLE,
+}
+_SCOPE = {common_pb2.LIMIT_SCOPE_GLOBAL: "global", common_pb2.LIMIT_SCOPE_ORG: "org",
+          common_pb2.LIMIT_SCOPE_TEAM: "team", common_pb2.LIMIT_SCOPE_KEY: "key",
+          common_pb2.LIMIT_SCOPE_CLIENT_IP: "client_ip"}
+_ROLE = {admin_pb2.KEY_ROLE_ADMIN: "admin", admin_pb2.KEY_ROLE_MEMBER: "member"}
+_ROLE_PROTO = {v: k for k, v in _ROLE.items()}
+_COST_TIER = {admin_pb2.COST_TIER_CHEAP: "cheap", admin_pb2.COST_TIER_STRONG: "strong"}
+_COST_TIER_PROTO = {v: k for k, v in _COST_TIER.items()}
+_GROUP = {admin_pb2.USAGE_GROUP_BY_ORG: "org", admin_pb2.USAGE_GROUP_BY_TEAM: "team",
+          admin_pb2.USAGE_GROUP_BY_KEY: "key", admin_pb2.USAGE_GROUP_BY_MODEL: "model",
+          admin_pb2.USAGE_GROUP_BY_DAY: "day"}
+
+MAX_LABELS = 32
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+def _client_ip(context: grpc.aio.ServicerContext) -> str:
+    # "ipv4:127.0.0.1:5555" / "ipv6:[::1]:5555"
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return ""
+
+
+def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def _command(inp: router_pb2.GenerationInput, client_ip: str) -> GenerateCommand:
+    v = Violations()
+    v.check(bool(inp.model), "input.model", "required (a registered model name or 'auto')")
+    v.check(len(inp.fallback_models) <= 4, "input.fallback_models", "at most 4 fallbacks")
+    validate_messages(inp.messages, v, "input.messages")
+    validate_params(inp.params, v, "input.params")
+    v.check(len(inp.labels) <= MAX_LABELS, "input.labels", f"at most {MAX_LABELS} labels")
+    v.check(len(inp.user_id) <= 256, "input.user_id", "at most 256 characters")
+    v.check(len(inp.prompt_version) <= 128, "input.prompt_version", "at most 128 characters")
+    v.check(inp.cache_control.max_age_seconds <= 30 * 86400, "input.cache_control.max_age_seconds",
+            "at most 30 days")
+    if inp.retrieval.enabled:
+        v.add("input.retrieval", "retrieval-augmented generation is not enabled on this gateway yet")
+    v.raise_if_any()
+    cc = inp.cache_control
+    return GenerateCommand(
+        model=inp.model, fallback_models=tuple(inp.fallback_models), messages=messages_from_proto(inp.messages),
+        params=params_from_proto(inp.params),
+        cache=CachePolicy(cc.no_cache, cc.no_store, cc.no_semantic, cc.max_age_seconds, cc.allow_nondeterministic),
+        user_id=inp.user_id, prompt_version=inp.prompt_version, labels=dict(inp.labels), client_ip=client_ip)
+
+
+def summary_to_proto(s: Summary) -> router_pb2.GenerationSummary:
+    latency = duration_pb2.Duration()
+    latency.FromNanoseconds(int(s.latency_s * 1e9))
+    return router_pb2.GenerationSummary(
+        request_id=s.request_id, model=s.model, provider=s.provider, usage=usage_to_proto(s.usage),
+        cost_nano_usd=s.cost_nano_usd, saved_nano_usd=s.saved_nano_usd,
+        cache_tier=_TIER.get(s.cache_tier, common_pb2.CACHE_TIER_UNSPECIFIED), degraded=s.degraded,
+        degraded_reasons=sorted({_DEGRADED[r] for r in s.degraded_reasons if r in _DEGRADED}),
+        finish_reason=finish_to_proto(s.finish_reason), latency=latency, price_version=s.price_version)
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, gateway: Gateway, auth: Authenticator, *, default_timeout_s: float, max_timeout_s: float):
+        self._gateway = gateway
+        self._auth = auth
+        self._default_timeout = default_timeout_s
+        self._max_timeout = max_timeout_s
+
+    async def _begin(self, inp: router_pb2.GenerationInput,
+                     context: grpc.aio.ServicerContext) -> tuple[KeyRecord, GenerateCommand, Deadline]:
+        key = await self._auth.authenticate(_authorization(context))
+        cmd = _command(inp, _client_ip(context))
+        deadline = Deadline.from_remaining(context.time_remaining(), default_s=self._default_timeout,
+                                           max_s=self._max_timeout)
+        return key, cmd, deadline
+
+    async def Generate(self, request: router_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
+        key, cmd, deadline = await self._begin(request.input, context)
+        parts: list[str] = []
+        summary: Summary | None = None
+        async for event in self._gateway.generate(key, cmd, deadline):
+            if isinstance(event, Summary):
+                summary = event
+            else:
+                parts.append(event)
+        assert summary is not None
+        return router_pb2.GenerateResponse(content="".join(parts), summary=summary_to_proto(summary))
+
+    async def GenerateStream(self, request: router_pb2.GenerateStreamRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        key, cmd, deadline = await self._begin(request.input, context)
+        events = self._gateway.generate(key, cmd, deadline)
+        try:
+            async for event in events:
+                if isinstance(event, Summary):
+                    yield router_pb2.GenerateStreamResponse(summary=summary_to_proto(event))
+                else:
+                    yield router_pb2.GenerateStreamResponse(delta=event)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, control: ControlPlane, auth: Authenticator, registry: Registry):
+        self._control = control
+        self._auth = auth
+        self._registry = registry
+
+    async def _admin(self, context: grpc.aio.ServicerContext) -> str:
+        key = await self._auth.authenticate(_authorization(context))
+        require_admin(key)
+        return key.key_id
+
+    async def CreateOrg(self, request: admin_pb2.CreateOrgRequest, context: Any) -> admin_pb2.CreateOrgResponse:
+        actor = await self._admin(context)
+        return admin_pb2.CreateOrgResponse(org_id=await self._control.create_org(actor, request.name))
+
+    async def CreateTeam(self, request: admin_pb2.CreateTeamRequest, context: Any) -> admin_pb2.CreateTeamResponse:
+        actor = await self._admin(context)
+        return admin_pb2.CreateTeamResponse(team_id=await self._control.create_team(actor, request.org_id,
+                                                                                     request.name))
+
+    async def CreateKey(self, request: admin_pb2.CreateKeyRequest, context: Any) -> admin_pb2.CreateKeyResponse:
+        actor = await self._admin(context)
+        v = Violations()
+        v.check(request.role in _ROLE, "role", "must be KEY_ROLE_MEMBER or KEY_ROLE_ADMIN")
+        v.raise_if_any()
+        created = await self._control.create_key(
+            actor, org_id=request.org_id, team_id=request.team_id, name=request.name, role=_ROLE[request.role],
+            allowed_models=list(request.allowed_models),
+            expires_at=request.expires_at.ToDatetime(UTC) if request.HasField("expires_at") else None)
+        return admin_pb2.CreateKeyResponse(key_id=created.key_id, key=created.secret)
+
+    async def RevokeKey(self, request: admin_pb2.RevokeKeyRequest, context: Any) -> admin_pb2.RevokeKeyResponse:
+        actor = await self._admin(context)
+        await self._control.revoke_key(actor, request.key_id)
+        self._auth.forget()
+        return admin_pb2.RevokeKeyResponse()
+
+    async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: Any) -> admin_pb2.ListKeysResponse:
+        await self._admin(context)
+        keys = await self._control.list_keys(request.org_id, request.team_id)
+        return admin_pb2.ListKeysResponse(keys=[admin_pb2.KeyInfo(
+            key_id=k.record.key_id,
+            principal=common_pb2.Principal(org_id=k.record.principal.org_id, team_id=k.record.principal.team_id,
+                                           key_id=k.record.key_id),
+            name=k.name, role=_ROLE_PROTO[k.record.role], allowed_models=list(k.record.allowed_models),
+            display_prefix=k.display_prefix, revoked=k.record.revoked, created_at=_ts(k.created_at)) for k in keys])
+
+    async def SetLimits(self, request: admin_pb2.SetLimitsRequest, context: Any) -> admin_pb2.SetLimitsResponse:
+        actor = await self._admin(context)
+        await self._control.set_limits(actor, _SCOPE.get(request.scope, ""), request.scope_id,
+                                       request.requests_per_minute, request.tokens_per_minute,
+                                       request.tokens_per_day)
+        return admin_pb2.SetLimitsResponse()
+
+    async def SetBudget(self, request: admin_pb2.SetBudgetRequest, context: Any) -> admin_pb2.SetBudgetResponse:
+        actor = await self._admin(context)
+        v = Violations()
+        v.check(request.daily_nano_usd >= 0, "daily_nano_usd", "must not be negative")
+        v.check(request.monthly_nano_usd >= 0, "monthly_nano_usd", "must not be negative")
+        v.raise_if_any()
+        await self._control.set_budget(actor, _SCOPE.get(request.scope, ""), request.scope_id,
+                                       request.daily_nano_usd, request.monthly_nano_usd)
+        return admin_pb2.SetBudgetResponse()
+
+    async def RegisterModel(self, request: admin_pb2.RegisterModelRequest,
+                            context: Any) -> admin_pb2.RegisterModelResponse:
+        actor = await self._admin(context)
+        m = request.model
+        v = Violations()
+        v.check(bool(m.name) and len(m.name) <= 128 and m.name != "auto", "model.name",
+                "required, at most 128 characters, not 'auto'")
+        v.check(bool(m.provider), "model.provider", "required")
+        v.check(bool(m.inference_target), "model.inference_target", "required (host:port)")
+        v.check(m.context_window > 0, "model.context_window", "must be positive")
+        v.check(m.cost_tier in _COST_TIER, "model.cost_tier", "must be COST_TIER_CHEAP or COST_TIER_STRONG")
+        v.raise_if_any()
+        await self._control.register_model(actor, name=m.name, provider=m.provider,
+                                           inference_target=m.inference_target, context_window=m.context_window,
+                                           cost_tier=_COST_TIER[m.cost_tier])
+        await self._registry.load()
+        return admin_pb2.RegisterModelResponse()
+
+    async def ListModels(self, request: admin_pb2.ListModelsRequest, context: Any) -> admin_pb2.ListModelsResponse:
+        await self._admin(context)
+        return admin_pb2.ListModelsResponse(models=[admin_pb2.ModelInfo(
+            name=m.name, provider=m.provider, inference_target=m.inference_target, context_window=m.context_window,
+            cost_tier=_COST_TIER_PROTO[m.cost_tier]) for m in self._registry.models()])
+
+    async def SetPrice(self, request: admin_pb2.SetPriceRequest, context: Any) -> admin_pb2.SetPriceResponse:
+        actor = await self._admin(context)
+        v = Violations()
+        for name in ("input_nano_usd_per_mtok", "output_nano_usd_per_mtok", "cached_input_nano_usd_per_mtok"):
+            v.check(getattr(request, name) >= 0, name, "must not be negative")
+        v.check(bool(request.model), "model", "required")
+        v.raise_if_any()
+        version = await self._control.set_price(
+            actor, model=request.model, input_per_mtok=request.input_nano_usd_per_mtok,
+            output_per_mtok=request.output_nano_usd_per_mtok,
+            cached_input_per_mtok=request.cached_input_nano_usd_per_mtok,
+            effective_from=request.effective_from.ToDatetime(UTC) if request.HasField("effective_from") else None)
+        await self._registry.load()
+        return admin_pb2.SetPriceResponse(price_version=version)
+
+    async def GetUsageReport(self, request: admin_pb2.GetUsageReportRequest,
+                             context: Any) -> admin_pb2.GetUsageReportResponse:
+        await self._admin(context)
+        v = Violations()
+        v.check(request.HasField("start_time"), "start_time", "required")
+        v.check(request.HasField("end_time"), "end_time", "required")
+        v.check(all(g in _GROUP for g in request.group_by), "group_by", "unknown dimension")
+        v.raise_if_any()
+        rows = await self._control.usage_report(request.start_time.ToDatetime(UTC),
+                                                request.end_time.ToDatetime(UTC),
+                                                [_GROUP[g] for g in request.group_by])
+        return admin_pb2.GetUsageReportResponse(rows=[admin_pb2.UsageReportRow(
+            group_values=list(r.group_values), requests=r.requests, input_tokens=r.input_tokens,
+            output_tokens=r.output_tokens, cached_input_tokens=r.cached_input_tokens, cost_nano_usd=r.cost_nano_usd,
+            saved_nano_usd=r.saved_nano_usd, cache_hits=r.cache_hits, errors=r.errors) for r in rows])
+
+    async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
+                              context: Any) -> admin_pb2.ListAuditEventsResponse:
+        await self._admin(context)
+        events = await self._control.audit_events(min(request.limit or 100, 1000))
+        return admin_pb2.ListAuditEventsResponse(events=[admin_pb2.AuditEvent(
+            id=e.id, actor_key_id=e.actor_key_id, action=e.action, target=e.target, before_json=e.before_json,
+            after_json=e.after_json, time=_ts(e.at)) for e in events])
