@@ -43,7 +43,7 @@ from libs.tokens import estimate_prompt_tokens, estimate_tokens
 from services.router.keys import KeyRecord
 from services.router.pricing import FREE, Price
 from services.router.registry import ModelEntry, Registry
-from services.router.usage import UsageEvent, UsageRecorder, utcnow
+from services.router.usage import UsageEvent, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class RateLimitClient(Protocol):
                      deadline: Deadline) -> None: ...
 
     async def release(self, reservation_id: str, deadline: Deadline) -> None: ...
+
+
+class UsageSink(Protocol):
+    async def record(self, event: UsageEvent) -> None: ...
 
 
 class InferenceClient(Protocol):
@@ -180,7 +184,7 @@ class _Attempt:
 
 class Gateway:
     def __init__(self, *, registry: Registry, cache: CacheClient, ratelimit: RateLimitClient,
-                 inference: InferenceClient, usage: UsageRecorder, default_max_output_tokens: int,
+                 inference: InferenceClient, usage: UsageSink, default_max_output_tokens: int,
                  side_call_timeout_s: float):
         self._registry = registry
         self._cache = cache

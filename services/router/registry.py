@@ -35,12 +35,14 @@ class RegistrySnapshot:
 
 
 class Registry:
-    def __init__(self, pool: asyncpg.Pool, refresh_s: float):
+    def __init__(self, pool: asyncpg.Pool | None, refresh_s: float):
         self._pool = pool
         self._refresh_s = refresh_s
         self._snapshot = RegistrySnapshot()
 
     async def load(self) -> None:
+        if self._pool is None:
+            return
         async with acquire(self._pool) as conn:
             model_rows = await conn.fetch("SELECT name, provider, inference_target, context_window, cost_tier "
                                           "FROM models")
@@ -55,6 +57,10 @@ class Registry:
                 output_per_mtok=r["output_nano_usd_per_mtok"],
                 cached_input_per_mtok=r["cached_input_nano_usd_per_mtok"], effective_from=r["effective_from"]))
         self._snapshot = RegistrySnapshot(models, prices)
+
+    def replace(self, snapshot: RegistrySnapshot) -> None:
+        """Swap in a snapshot (tests, and callers that already hold fresh data)."""
+        self._snapshot = snapshot
 
     async def refresh_forever(self) -> None:
         while True:

@@ -1,0 +1,95 @@
+"""Control plane against a real PostgreSQL database (fresh per test)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
+from services.router.control import ControlPlane
+from services.router.db import create_pool
+from services.router.keys import hash_key
+from services.router.registry import Registry
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    await apply_migrations(database_url)
+    p = await create_pool(database_url)
+    yield p
+    await p.close()
+
+
+async def test_migrations_are_idempotent(database_url: str) -> None:
+    assert await apply_migrations(database_url) == [1]
+    assert await apply_migrations(database_url) == []
+
+
+async def test_keys_are_stored_hashed_and_revocable(pool: asyncpg.Pool) -> None:
+    cp = ControlPlane(pool)
+    org = await cp.create_org("admin", "acme")
+    team = await cp.create_team("admin", org, "search")
+    created = await cp.create_key("admin", org_id=org, team_id=team, name="ci", role="member",
+                                  allowed_models=["m1"], expires_at=None)
+    async with pool.acquire() as conn:
+        stored = await conn.fetchrow("SELECT key_hash, display_prefix FROM api_keys WHERE key_id = $1",
+                                     created.key_id)
+        dump = str(await conn.fetch("SELECT * FROM api_keys"))
+    assert stored["key_hash"] == hash_key(created.secret)
+    assert created.secret not in dump  # the secret itself is nowhere in the table
+    record = await cp.find_by_hash(hash_key(created.secret))
+    assert record is not None and record.principal.team_id == team and record.allowed_models == ("m1",)
+    await cp.revoke_key("admin", created.key_id)
+    assert (await cp.find_by_hash(hash_key(created.secret))).revoked  # type: ignore[union-attr]
+    with pytest.raises(NotFound):
+        await cp.revoke_key("admin", "key_missing")
+    actions = [e.action for e in await cp.audit_events(10)]
+    assert actions == ["revoke_key", "create_key", "create_team", "create_org"]
+
+
+async def test_hierarchy_is_enforced(pool: asyncpg.Pool) -> None:
+    cp = ControlPlane(pool)
+    org_a, org_b = await cp.create_org("a", "a"), await cp.create_org("a", "b")
+    team_b = await cp.create_team("a", org_b, "t")
+    with pytest.raises(FailedPrecondition):
+        await cp.create_key("a", org_id=org_a, team_id=team_b, name="x", role="member", allowed_models=[],
+                            expires_at=None)
+    with pytest.raises(AlreadyExists):
+        await cp.create_org("a", "a")
+    with pytest.raises(InvalidArgument):
+        await cp.create_org("a", "  ")
+
+
+async def test_price_versions_never_rewrite_history(pool: asyncpg.Pool) -> None:
+    cp = ControlPlane(pool)
+    await cp.register_model("a", name="m", provider="p", inference_target="x:1", context_window=100,
+                            cost_tier="cheap")
+    v1 = await cp.set_price("a", model="m", input_per_mtok=100, output_per_mtok=200, cached_input_per_mtok=50,
+                            effective_from=None)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    v2 = await cp.set_price("a", model="m", input_per_mtok=300, output_per_mtok=400, cached_input_per_mtok=50,
+                            effective_from=later)
+    assert v2 > v1
+    with pytest.raises(InvalidArgument):
+        await cp.set_price("a", model="m", input_per_mtok=1, output_per_mtok=1, cached_input_per_mtok=1,
+                           effective_from=datetime.now(UTC) - timedelta(days=1))
+    with pytest.raises(NotFound):
+        await cp.set_price("a", model="nope", input_per_mtok=1, output_per_mtok=1, cached_input_per_mtok=1,
+                           effective_from=None)
+    registry = Registry(pool, 60)
+    await registry.load()
+    assert registry.price("m", datetime.now(UTC)).version == v1  # type: ignore[union-attr]
+    assert registry.price("m", later + timedelta(seconds=1)).version == v2  # type: ignore[union-attr]
+
+
+async def test_bootstrap_creates_one_admin_key_once(pool: asyncpg.Pool) -> None:
+    models = [DefaultModel("demo", "p", "127.0.0.1:1", 1000, "cheap", 1, 2, 0)]
+    first = await bootstrap(pool, models)
+    assert first is not None and first.startswith("tg-")
+    assert await bootstrap(pool, models) is None
+    record = await ControlPlane(pool).find_by_hash(hash_key(first))
+    assert record is not None and record.is_admin
