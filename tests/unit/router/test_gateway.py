@@ -157,7 +157,7 @@ async def _run(gw: Gateway, cmd: GenerateCommand) -> tuple[str, Summary]:
 
 
 async def test_miss_then_exact_hit_costs_nothing_and_records_saving() -> None:
-    gw, cache, limiter, _, ledger = _gateway({"t-primary": "ok"})
+    gw, _, limiter, _, ledger = _gateway({"t-primary": "ok"})
     text, first = await _run(gw, _cmd())
     assert text == "Paris is the capital." and first.cache_tier == "miss"
     assert first.cost_nano_usd == 10 * 1_000 + 3 * 2_000  # $1/M in, $2/M out
