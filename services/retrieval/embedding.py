@@ -55,43 +55,63 @@ def _hash_bucket(feature: str, dim: int) -> tuple[int, float]:
     return h % dim, (1.0 if (h >> 63) == 0 else -1.0)
 
 
-_cached_bucket = lru_cache(maxsize=1 << 17)(_hash_bucket)
+_Sparse = tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]
+# Words and bigrams longer than this are rare (ids, blobs) and not worth keeping in a cache.
+_MAX_CACHED_CHARS = 64
 
 
-def _bucket(feature: str, dim: int) -> tuple[int, float]:
-    # Only short features are worth caching (and safe to keep in memory).
-    return _cached_bucket(feature, dim) if len(feature) <= 64 else _hash_bucket(feature, dim)
-
-
-def _features(text: str) -> dict[str, float]:
-    """Weighted features of ``text``: word unigrams, word bigrams, char 3/4-grams of each word."""
-    words = _WORD.findall(text.lower())
-    unigrams = Counter(words)
-    bigrams = Counter(pairwise(words))
-    chars: Counter[str] = Counter()
-    for word, count in unigrams.items():
-        if word in _STOPWORDS:
-            continue
+def _word_features_uncached(word: str, dim: int) -> _Sparse:
+    """Buckets and signed weights of one word: the word itself and, for content words, its char 3/4-grams."""
+    features = [(f"w:{word}", _STOPWORD_WEIGHT if word in _STOPWORDS else _WORD_WEIGHT)]
+    if word not in _STOPWORDS:
         padded = f"<{word}>"
-        for n in (3, 4):
-            for i in range(len(padded) - n + 1):
-                chars[f"{n}:{padded[i:i + n]}"] += count
-    features: dict[str, float] = {}
-    for word, tf in unigrams.items():
-        # Sublinear term frequency: a word repeated 100 times is not 100 times as relevant.
-        weight = _STOPWORD_WEIGHT if word in _STOPWORDS else _WORD_WEIGHT
-        features[f"w:{word}"] = weight * (1.0 + math.log(tf))
-    for (a, b), tf in bigrams.items():
-        weight = _STOPWORD_WEIGHT if a in _STOPWORDS and b in _STOPWORDS else _BIGRAM_WEIGHT
-        features[f"b:{a} {b}"] = weight * (1.0 + math.log(tf))
-    for gram, tf in chars.items():
-        features[f"c:{gram}"] = _CHAR_WEIGHT * (1.0 + math.log(tf))
-    if not features:
+        features.extend((f"c:{n}:{padded[i:i + n]}", _CHAR_WEIGHT)
+                        for n in (3, 4) for i in range(len(padded) - n + 1))
+    buckets = [_hash_bucket(feature, dim) for feature, _ in features]
+    return (np.array([b for b, _ in buckets], dtype=np.intp),
+            np.array([sign * weight for (_, sign), (_, weight) in zip(buckets, features, strict=True)]))
+
+
+_word_features_cached = lru_cache(maxsize=1 << 16)(_word_features_uncached)
+_bigram_cached = lru_cache(maxsize=1 << 17)(_hash_bucket)
+
+
+def _word_features(word: str, dim: int) -> _Sparse:
+    return _word_features_cached(word, dim) if len(word) <= _MAX_CACHED_CHARS else _word_features_uncached(word, dim)
+
+
+def _embed_one(text: str, dim: int) -> npt.NDArray[np.float64]:
+    """Unnormalised hashed feature vector of ``text``."""
+    words = _WORD.findall(text.lower())
+    if not words:
         stripped = text.strip()
-        if stripped:
-            # Punctuation-only text still gets a (self-similar) vector rather than zero.
-            features[f"r:{stripped}"] = 1.0
-    return features
+        if not stripped:
+            return np.zeros(dim)
+        # Punctuation-only text still gets a (self-similar) vector rather than zero.
+        bucket, sign = _hash_bucket(f"r:{stripped}", dim)
+        vec = np.zeros(dim)
+        vec[bucket] = sign
+        return vec
+    indices: list[npt.NDArray[np.intp]] = []
+    values: list[npt.NDArray[np.float64]] = []
+    for word, tf in Counter(words).items():
+        # Sublinear term frequency: a word repeated 100 times is not 100 times as relevant.
+        idx, val = _word_features(word, dim)
+        indices.append(idx)
+        values.append(val * (1.0 + math.log(tf)))
+    bigram_idx: list[int] = []
+    bigram_val: list[float] = []
+    for (a, b), tf in Counter(pairwise(words)).items():
+        feature = f"b:{a} {b}"
+        bucket, sign = _bigram_cached(feature, dim) if len(feature) <= _MAX_CACHED_CHARS else _hash_bucket(feature,
+                                                                                                         dim)
+        weight = _STOPWORD_WEIGHT if a in _STOPWORDS and b in _STOPWORDS else _BIGRAM_WEIGHT
+        bigram_idx.append(bucket)
+        bigram_val.append(sign * weight * (1.0 + math.log(tf)))
+    indices.append(np.array(bigram_idx, dtype=np.intp))
+    values.append(np.array(bigram_val, dtype=np.float64))
+    summed = np.bincount(np.concatenate(indices), weights=np.concatenate(values), minlength=dim)
+    return summed.astype(np.float64, copy=False)
 
 
 class HashingEmbedder:
@@ -100,8 +120,8 @@ class HashingEmbedder:
     A **lexical stand-in** until the model-backed embedder lands: similarity
     reflects shared words, phrases and word fragments, not meaning (no synonyms).
     Lowercased word unigrams and bigrams plus character 3/4-grams of each word are
-    hashed with BLAKE2b into ``dim`` signed buckets, weighted by sublinear term
-    frequency (common English function words weigh a tenth and add no character
+    hashed with BLAKE2b into ``dim`` signed buckets, weighted by each word's
+    sublinear term frequency (common English function words weigh a tenth and add no character
     n-grams; there is no IDF), and the vector is L2-normalised, so cosine
     similarity behaves like a TF-weighted overlap score. Same text, same vector,
     on every machine and in every process.
@@ -119,11 +139,7 @@ class HashingEmbedder:
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         out = np.zeros((len(texts), self._dim), dtype=np.float64)
         for row, text in enumerate(texts):
-            vec = out[row]
-            for feature, weight in _features(text).items():
-                index, sign = _bucket(feature, self._dim)
-                vec[index] += sign * weight
-            norm = float(np.linalg.norm(vec))
-            if norm > 0.0:
-                vec /= norm
+            out[row] = _embed_one(text, self._dim)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0.0)
         return out.astype(np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from libs.deadlines import Deadline
-from libs.errors import FieldViolation, InvalidArgument
+from libs.errors import DeadlineExceeded, FieldViolation, InvalidArgument
 from services.retrieval.chunking import ChunkingOptions, chunk_text
 from services.retrieval.embedding import Embedder
 from services.retrieval.store import ChunkFilter, ChunkRecord, VectorStore
@@ -101,7 +101,8 @@ class DocumentIndex:
             records.extend((doc, c.index, c.text) for c in chunks)
 
         vectors = await self._embed([text for _, _, text in records])
-        deadline.hop_timeout(0.0)  # raises DeadlineExceeded if embedding used up the time
+        if deadline.expired():
+            raise DeadlineExceeded("deadline exceeded while embedding the documents")
         await self._store.upsert(tenant_id, [
             ChunkRecord(document_id=doc.document_id, chunk_index=index, text=text, metadata=dict(doc.metadata),
                         vector=vectors[row])

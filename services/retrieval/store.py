@@ -154,6 +154,9 @@ class QdrantVectorStore:
         self._local = local
         self._call_timeout_s = call_timeout_s
         self._client: QdrantClient | None = None
+        # Opening a client may outlast one request (an embedded store loads every point from disk),
+        # so it runs as its own task that later requests wait on, never abandoned half-way.
+        self._connecting: asyncio.Future[QdrantClient] | None = None
         self._ready = False
         self._setup_lock = asyncio.Lock()
         # Held inside the worker thread, so an abandoned (timed out) call still excludes the next one.
@@ -191,16 +194,38 @@ class QdrantVectorStore:
     async def close(self) -> None:
         async with self._setup_lock:
             client, self._client, self._ready = self._client, None, False
+            connecting, self._connecting = self._connecting, None
+        if client is None and connecting is not None:
+            with contextlib.suppress(Exception):
+                client = await asyncio.wait_for(asyncio.shield(connecting), self._call_timeout_s)
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(self._locked, client.close), self._call_timeout_s)
+
+    async def _connect(self, deadline: Deadline) -> QdrantClient:
+        if self._connecting is None:
+            task = asyncio.ensure_future(asyncio.to_thread(self._locked, self._client_factory))
+            # Mark a failure seen even if no request is waiting any more when it happens.
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._connecting = task
+        timeout = deadline.hop_timeout(_HOP_MARGIN_S, cap_s=self._call_timeout_s)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
+        except TimeoutError:
+            log.warning("qdrant connect still running after %.2fs", timeout)
+            raise Unavailable("vector store is still starting", reason="BACKEND_TIMEOUT", retry_after_s=1.0) from None
+        except Exception as exc:
+            self._connecting = None  # try afresh on the next request
+            log.warning("qdrant connect failed: %s: %.200s", type(exc).__name__, exc)
+            raise Unavailable("vector store cannot be opened", reason="BACKEND_ERROR", retry_after_s=1.0) from None
 
     async def _ensure_ready(self, deadline: Deadline) -> QdrantClient:
         if self._ready and self._client is not None:
             return self._client
         async with self._setup_lock:
             if self._client is None:
-                self._client = await self._run("connect", self._client_factory, deadline)
+                self._client = await self._connect(deadline)
+                self._connecting = None
             client = self._client
             if not self._ready:
                 await self._run("ensure_collection", lambda: self._ensure_collection(client), deadline)
@@ -221,13 +246,25 @@ class QdrantVectorStore:
                     raise
         self._check_collection(client)
         if not self._local:
-            # Payload indexes make tenant/document filters cheap on a server (local mode ignores them).
-            client.create_payload_index(self._collection, "tenant_id",
-                                        field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD,
-                                                                               is_tenant=True))
-            client.create_payload_index(self._collection, "document_id", field_schema=models.PayloadSchemaType.KEYWORD)
-            client.create_payload_index(self._collection, "metadata_kv", field_schema=models.PayloadSchemaType.KEYWORD)
-            client.create_payload_index(self._collection, "chunk_index", field_schema=models.PayloadSchemaType.INTEGER)
+            self._create_payload_indexes(client)
+
+    def _create_payload_indexes(self, client: QdrantClient) -> None:
+        """Indexes that make tenant/document/metadata filters cheap on a server (local mode has none).
+
+        Best effort: idempotent on the server, and a failure (an old server without
+        ``is_tenant``, say) costs speed, not correctness, so it is logged, not raised.
+        """
+        indexes: list[tuple[str, models.PayloadSchemaType | models.KeywordIndexParams]] = [
+            ("tenant_id", models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True)),
+            ("document_id", models.PayloadSchemaType.KEYWORD),
+            ("metadata_kv", models.PayloadSchemaType.KEYWORD),
+            ("chunk_index", models.PayloadSchemaType.INTEGER),
+        ]
+        for field_name, schema in indexes:
+            try:
+                client.create_payload_index(self._collection, field_name, field_schema=schema, wait=True)
+            except Exception as exc:
+                log.warning("payload index on %s not created: %s", field_name, type(exc).__name__)
 
     def _check_collection(self, client: QdrantClient) -> None:
         vectors = client.get_collection(self._collection).config.params.vectors

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from qdrant_client import QdrantClient
 
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
@@ -204,3 +205,23 @@ async def test_hanging_server_times_out_as_unavailable(silent_server: str) -> No
     assert info.value.reason == "BACKEND_TIMEOUT"
     assert time.monotonic() - started < 1.0
     await asyncio.wait_for(store.close(), 3)
+
+
+async def test_slow_open_is_unavailable_then_ready_without_starting_over() -> None:
+    """Opening an embedded store can outlast a request: callers get UNAVAILABLE, the open is not abandoned."""
+    opened: list[int] = []
+
+    def slow_factory() -> QdrantClient:
+        time.sleep(0.6)
+        opened.append(1)
+        return QdrantClient(location=":memory:", force_disable_check_same_thread=True)
+
+    store = QdrantVectorStore(slow_factory, collection="c", dim=384, local=True, call_timeout_s=0.2)
+    index = make_index(store)
+    with pytest.raises(Unavailable) as info:
+        await index.search(T, "q", 3)
+    assert info.value.reason == "BACKEND_TIMEOUT"
+    await asyncio.sleep(0.7)
+    assert await index.search(T, "q", 3) == []
+    assert opened == [1]
+    await store.close()
