@@ -230,10 +230,11 @@ class RedisExactStore:
         removed = 0
         for open_claim in await self._r.smembers(self._claims_key(t)):
             name = _text(open_claim)
-            # ZPOPMIN makes progress durable: after a failure the next call resumes where this stopped.
-            while batch := cast(list[tuple[bytes, float]], await self._r.zpopmin(name, _UNLINK_BATCH)):
-                keys = [self.entry_key(t, _text(m)) for m, _score in batch]
-                removed += int(await self._r.unlink(*keys))
+            # Members leave the claim only after their entries are gone, so after a failure the next
+            # call resumes where this one stopped (UNLINK counts existing keys only: no double counting).
+            while batch := cast(list[bytes], await self._r.zrange(name, 0, _UNLINK_BATCH - 1)):
+                removed += int(await self._r.unlink(*(self.entry_key(t, _text(m)) for m in batch)))
+                await self._r.zrem(name, *batch)
             await self._r.srem(self._claims_key(t), name)
         return removed
 

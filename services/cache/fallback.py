@@ -31,19 +31,31 @@ T = TypeVar("T")
 _MAX_PENDING_SCOPES_PER_TENANT = 64
 
 
+# Rough per-entry overhead (dict slot, record, key strings) added to the content's size.
+_ENTRY_OVERHEAD_BYTES = 256
+
+
 @dataclass
 class _LocalEntry:
     record: ExactRecord
     retain_until: float
     model_class: str
     prompt_version: str
+    size: int
 
 
 class LocalLruStore:
-    """An :class:`ExactStore` in process memory, bounded to ``max_entries`` (least recently used go first)."""
+    """An :class:`ExactStore` in process memory (least recently used go first).
 
-    def __init__(self, max_entries: int, *, clock: Callable[[], float] = time.time):
+    Bounded by entry count and by approximate bytes: entries may be large, and this
+    runs inside the service's own memory budget.
+    """
+
+    def __init__(self, max_entries: int, *, max_bytes: int = 64 * 1024 * 1024,
+                 clock: Callable[[], float] = time.time):
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], _LocalEntry] = OrderedDict()
         self._stats: defaultdict[str, dict[str, int]] = defaultdict(dict)
@@ -57,18 +69,20 @@ class LocalLruStore:
         if entry is None:
             return None
         if self._clock() >= entry.retain_until:
-            del self._entries[k]
+            self._drop(k)
             return None
         self._entries.move_to_end(k)
         return entry.record
 
     async def put(self, namespace: Namespace, key_hash: str, record: ExactRecord, retain_s: float) -> None:
         k = (namespace.tenant_id, key_hash)
+        self._drop(k)
+        size = len(record.content.encode()) + len(key_hash) + _ENTRY_OVERHEAD_BYTES
         self._entries[k] = _LocalEntry(record, record.stored_at + retain_s, namespace.model_class,
-                                       namespace.prompt_version)
-        self._entries.move_to_end(k)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+                                       namespace.prompt_version, size)
+        self._bytes += size
+        while self._entries and (len(self._entries) > self._max or self._bytes > self._max_bytes):
+            self._drop(next(iter(self._entries)))
 
     async def invalidate(self, scope: InvalidationScope) -> int:
         now = self._clock()
@@ -76,7 +90,8 @@ class LocalLruStore:
                   if k[0] == scope.tenant_id and scope.matches(e.model_class, e.prompt_version)]
         removed = 0
         for k in doomed:
-            if self._entries.pop(k).retain_until > now:
+            entry = self._drop(k)
+            if entry is not None and entry.retain_until > now:
                 removed += 1
         return removed
 
@@ -100,6 +115,13 @@ class LocalLruStore:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
+
+    def _drop(self, k: tuple[str, str]) -> _LocalEntry | None:
+        entry = self._entries.pop(k, None)
+        if entry is not None:
+            self._bytes -= entry.size
+        return entry
 
     def drain_stats(self) -> dict[str, dict[str, int]]:
         """Per-tenant counters gathered so far (not the all-tenant sums), and reset them."""
@@ -151,9 +173,7 @@ class FallbackStore:
         """Probe Redis now (tests, operators); True when it is in use again."""
         if not self.degraded:
             return True
-        if self._probe_task is not None:
-            return await asyncio.shield(self._probe_task)
-        return await self._probe()
+        return await asyncio.shield(self._probe_task or self._start_probe())
 
     # --- ExactStore ---
     async def get(self, tenant_id: str, key_hash: str) -> ExactRecord | None:
@@ -212,8 +232,14 @@ class FallbackStore:
 
     def _maybe_probe(self) -> None:
         if self._probe_task is None and self._monotonic() >= self._next_probe:
-            self._probe_task = asyncio.create_task(self._probe(), name="cache-redis-probe")
-            self._probe_task.add_done_callback(self._probe_done)
+            self._start_probe()
+
+    def _start_probe(self) -> asyncio.Task[bool]:
+        # One probe at a time, off the request path: the request that triggers it is served by the LRU.
+        task = asyncio.create_task(self._probe(), name="cache-redis-probe")
+        task.add_done_callback(self._probe_done)
+        self._probe_task = task
+        return task
 
     def _probe_done(self, task: asyncio.Task[bool]) -> None:
         if self._probe_task is task:

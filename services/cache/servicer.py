@@ -59,45 +59,48 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                          context: grpc.aio.ServicerContext) -> cache_pb2.InvalidateResponse:
         v = Violations()
         # Required: an empty tenant must not read as "every tenant".
-        self._check_id(request.tenant_id, "tenant_id", v, required=True)
+        self._check_id(request.tenant_id, "tenant_id", v, required=True, strict=True)
         self._check_id(request.model_class, "model_class", v)
         self._check_id(request.prompt_version, "prompt_version", v)
         v.raise_if_any()
         scope = InvalidationScope(request.tenant_id, request.model_class or None, request.prompt_version or None)
-        removed = await self._cache.invalidate(scope, self._deadline(context))
+        removed = await self._cache.invalidate(scope, self._deadline(context, self._settings.invalidate_timeout_s))
         return cache_pb2.InvalidateResponse(removed_entries=removed)
 
     async def GetStats(self, request: cache_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> cache_pb2.GetStatsResponse:
         v = Violations()
         # Empty tenant_id: the counters summed over every tenant.
-        self._check_id(request.tenant_id, "tenant_id", v)
+        self._check_id(request.tenant_id, "tenant_id", v, strict=True)
         v.raise_if_any()
         s = await self._cache.stats(request.tenant_id, self._deadline(context))
         return cache_pb2.GetStatsResponse(exact_hits=s.exact_hits, semantic_hits=s.semantic_hits, misses=s.misses,
                                           stores=s.stores, degraded=s.degraded, degraded_detail=s.degraded_detail)
 
     # --- helpers ---
-    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
-        timeout = self._settings.request_timeout_s
+    def _deadline(self, context: grpc.aio.ServicerContext, timeout_s: float | None = None) -> Deadline:
+        timeout = timeout_s or self._settings.request_timeout_s
         return Deadline.from_remaining(context.time_remaining(), default_s=timeout, max_s=timeout)
 
-    def _check_id(self, value: str, field: str, v: Violations, *, required: bool = False) -> None:
+    def _check_id(self, value: str, field: str, v: Violations, *, required: bool = False,
+                  strict: bool = False) -> None:
+        """Bounded length; ``strict`` ids (tenant, model) must also be printable and trimmed, so that
+        two spellings of one tenant cannot split (or a stray space silently empty) its cache."""
         limit = self._settings.max_id_chars
         if not value:
             v.check(not required, field, "is required")
         elif len(value) > limit:
             v.add(field, f"must be at most {limit} characters")
-        elif not value.isprintable() or value != value.strip():
+        elif strict and (not value.isprintable() or value != value.strip()):
             v.add(field, "must be printable, without leading or trailing whitespace")
 
     def _check_key(self, key: cache_pb2.CacheKeyInput, v: Violations) -> None:
         ns = key.namespace
-        self._check_id(ns.tenant_id, "key.namespace.tenant_id", v, required=True)
+        self._check_id(ns.tenant_id, "key.namespace.tenant_id", v, required=True, strict=True)
         self._check_id(ns.model_class, "key.namespace.model_class", v)
         self._check_id(ns.system_prompt_hash, "key.namespace.system_prompt_hash", v)
         self._check_id(ns.prompt_version, "key.namespace.prompt_version", v)
-        self._check_id(key.model, "key.model", v, required=True)
+        self._check_id(key.model, "key.model", v, required=True, strict=True)
         validate_messages(key.messages, v, field_prefix="key.messages")
         validate_params(key.params, v, field_prefix="key.params")
 

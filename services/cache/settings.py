@@ -27,6 +27,7 @@ class CacheSettings(ServiceSettings, RedisSettings):
 
     # In-process LRU that serves while Redis is unreachable.
     local_lru_entries: int = Field(10_000, ge=1)
+    local_lru_max_bytes: int = Field(64 * 1024 * 1024, ge=1)
     # Every Redis command gives up after this; the router's side-call budget is larger, so a hung
     # Redis shows up here as a failover rather than as a router timeout.
     redis_timeout_s: float = Field(0.2, gt=0, le=30)
@@ -35,6 +36,8 @@ class CacheSettings(ServiceSettings, RedisSettings):
 
     # Deadline when the caller sets none, and the most any request may take.
     request_timeout_s: float = Field(1.0, gt=0, le=60)
+    # The same for Invalidate, which may remove many entries (an interrupted one is resumed by the next).
+    invalidate_timeout_s: float = Field(30.0, gt=0, le=600)
 
     # Request bounds.
     max_id_chars: int = Field(128, ge=1, le=1024)
