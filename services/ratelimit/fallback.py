@@ -42,6 +42,8 @@ class _Debit:
     identity: _Identity
     cost: int
     counts_tokens: bool
+    capacity: int
+    period_s: float
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,9 @@ class LocalLimiter:
         debits: list[_Debit] = []
         for bucket, tokens in zip(buckets, have, strict=True):
             cost = bucket.cost(estimated_tokens)
-            self._buckets[bucket.identity] = _LocalBucket(tokens - cost, now, self.capacity(bucket.limit),
-                                                          float(bucket.kind.period_s))
-            debits.append(_Debit(bucket.identity, cost, bucket.kind.counts_tokens))
+            capacity, period_s = self.capacity(bucket.limit), float(bucket.kind.period_s)
+            self._buckets[bucket.identity] = _LocalBucket(tokens - cost, now, capacity, period_s)
+            debits.append(_Debit(bucket.identity, cost, bucket.kind.counts_tokens, capacity, period_s))
         reservation_id = f"{self.ID_PREFIX}{uuid.uuid4().hex}"
         self._reservations[reservation_id] = _LocalReservation(debits, estimated_tokens, now + ttl_s)
         return Reservation(reservation_id, self._wall_clock() + ttl_s, degraded=True)
@@ -109,11 +111,14 @@ class LocalLimiter:
             raise NotFound("no such reservation (already settled, expired, or made by another replica)")
         return found
 
-    def _adjust(self, identity: _Identity, delta: int, now: float) -> None:
-        state = self._buckets.get(identity)
+    def _adjust(self, debit: _Debit, delta: int, now: float) -> None:
+        state = self._buckets.get(debit.identity)
         if state is None:
-            return  # a missing bucket is full; charges only happen to buckets we debited
-        state.tokens = min(float(state.capacity), state.level(now) + delta) if delta > 0 else state.level(now) + delta
+            if delta > 0:
+                return  # a missing (pruned) bucket is full: nothing to give back
+            state = self._buckets[debit.identity] = _LocalBucket(debit.capacity, now, debit.capacity, debit.period_s)
+        tokens = state.level(now) + delta
+        state.tokens = min(float(state.capacity), tokens) if delta > 0 else tokens
         state.updated = now
 
     def _settle(self, found: _LocalReservation, *, commit: bool, actual_tokens: int) -> int:
@@ -123,7 +128,7 @@ class LocalLimiter:
             if commit:
                 delta = debit.cost - actual_tokens if debit.counts_tokens else 0
             if delta:
-                self._adjust(debit.identity, delta, now)
+                self._adjust(debit, delta, now)
         return found.estimated_tokens - actual_tokens if commit else found.estimated_tokens
 
     def commit(self, reservation_id: str, actual_tokens: int) -> int:

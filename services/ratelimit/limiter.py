@@ -106,13 +106,13 @@ class Limiter:
         if actual_tokens < 0:
             raise InvalidArgument([FieldViolation("actual_tokens", "must not be negative")])
         if LocalLimiter.owns(reservation_id):
-            return self._require_fallback().commit(reservation_id, actual_tokens)
+            return self._local_reservations().commit(reservation_id, actual_tokens)
         return await self._settle_redis(reservation_id, "commit", actual_tokens, deadline)
 
     async def release(self, reservation_id: str, *, deadline: Deadline | None = None) -> None:
         """Give a reservation back in full, request slot included."""
         if LocalLimiter.owns(reservation_id):
-            self._require_fallback().release(reservation_id)
+            self._local_reservations().release(reservation_id)
             return
         await self._settle_redis(reservation_id, "release", 0, deadline)
 
@@ -232,6 +232,11 @@ class Limiter:
     def _require_fallback(self) -> LocalLimiter:
         if self._fallback is None:
             raise Unavailable("rate limit store unavailable", retry_after_s=max(self._redis_retry_s, 0.1))
+        return self._fallback
+
+    def _local_reservations(self) -> LocalLimiter:
+        if self._fallback is None:
+            raise NotFound("no such reservation (this service keeps no local reservations)")
         return self._fallback
 
     def _ttl(self, ttl_s: float | None) -> float:

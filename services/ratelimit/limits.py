@@ -15,6 +15,7 @@ are merged, the strictest non-zero number per kind winning).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 WILDCARD = "*"
 
 
+def normalize_ip(text: str) -> str:
+    """One spelling per address (``2001:db8::1``; ``::ffff:10.0.0.1`` is ``10.0.0.1``), so one bucket.
+
+    Raises ValueError when ``text`` is not an IP address.
+    """
+    address = ipaddress.ip_address(text)
+    # ::ffff:a.b.c.d is the IPv4 client a.b.c.d seen through a dual-stack socket.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
+
+
 class Scope(StrEnum):
     """A level of the tenant hierarchy; values are the ``limits.scope`` column's."""
 
@@ -41,8 +53,21 @@ class Scope(StrEnum):
     GLOBAL = "global"
 
 
+def _normalize_row_id(scope: Scope, scope_id: str) -> str:
+    if scope is Scope.CLIENT_IP and scope_id != WILDCARD:
+        try:
+            return normalize_ip(scope_id)
+        except ValueError:
+            return scope_id  # matches nothing a validated request can carry; harmless
+    return scope_id
+
+
 class Kind(StrEnum):
-    """What a limit counts; values are the ``limits`` column names."""
+    """What a limit counts; values are the ``limits`` column names.
+
+    Every kind is a token bucket refilling continuously over its period, so tokens_per_day is
+    a rolling 24 h allowance, not a calendar day that resets at midnight.
+    """
 
     REQUESTS_PER_MINUTE = "requests_per_minute"
     TOKENS_PER_MINUTE = "tokens_per_minute"
@@ -131,7 +156,7 @@ class LimitTable:
             if scope is Scope.GLOBAL:
                 self._global = Limits.strictest(self._global, limits)
             else:
-                self._rows[(scope, scope_id)] = limits
+                self._rows[(scope, _normalize_row_id(scope, scope_id))] = limits
         self._key_default = key_default
 
     def __len__(self) -> int:
@@ -140,9 +165,10 @@ class LimitTable:
     def resolve(self, scope: Scope, scope_id: str) -> Limits:
         if scope is Scope.GLOBAL:
             return self._global
-        found = self._rows.get((scope, scope_id)) or self._rows.get((scope, WILDCARD))
-        if found is not None:
-            return found
+        for candidate in (scope_id, WILDCARD):
+            found = self._rows.get((scope, candidate))
+            if found is not None:
+                return found  # an all-zero row means "unlimited", not "fall through to the default"
         return self._key_default if scope is Scope.KEY else Limits()
 
     def levels_for(self, subject: Subject) -> list[Level]:
@@ -182,6 +208,7 @@ class StaticLimitStore:
         return None
 
 
+_WARN_EVERY_S = 60.0
 _SELECT = "SELECT scope, scope_id, requests_per_minute, tokens_per_minute, tokens_per_day FROM limits"
 
 
@@ -214,6 +241,8 @@ class PostgresLimitStore:
         self._task = PeriodicTask("limits-refresh", refresh_s, self._refresh_quietly)
         # Monotonic time of the last successful load; None until the first one.
         self.loaded_at: float | None = None
+        self._failing = False
+        self._warned_at = 0.0
 
     def levels_for(self, subject: Subject) -> list[Level]:
         return self._table.levels_for(subject)
@@ -222,8 +251,9 @@ class PostgresLimitStore:
         """Load the whole table now; returns the number of rows. Raises if PostgreSQL fails."""
         rows = await self._pool.fetch(_SELECT, timeout=self._query_timeout_s)
         self._table = rows_to_table(rows, self._key_default)
-        if self.loaded_at is None:
+        if self.loaded_at is None or self._failing:
             log.info("loaded %d limit rows", len(rows))
+        self._failing = False
         self.loaded_at = time.monotonic()
         return len(rows)
 
@@ -231,8 +261,13 @@ class PostgresLimitStore:
         try:
             await self.refresh()
         except Exception as exc:
-            # Any failure (connection, timeout, missing table) keeps the old snapshot.
-            log.warning("could not reload limits, keeping the previous ones: %s: %s", type(exc).__name__, exc)
+            # Any failure (connection, timeout, missing table) keeps the old snapshot. Warn when it
+            # starts and then once a minute, not on every tick of an outage.
+            now = time.monotonic()
+            if not self._failing or now - self._warned_at >= _WARN_EVERY_S:
+                log.warning("could not reload limits, keeping the previous ones: %s: %s", type(exc).__name__, exc)
+                self._warned_at = now
+            self._failing = True
 
     async def start(self) -> None:
         await self._refresh_quietly()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import grpc
 from google.protobuf import timestamp_pb2
 from tollgate.common.v1 import common_pb2
@@ -13,7 +11,7 @@ from libs.deadlines import Deadline
 from libs.errors import Violations
 from services.ratelimit.buckets import UsageRow
 from services.ratelimit.limiter import Limiter
-from services.ratelimit.limits import Kind, Scope, Subject
+from services.ratelimit.limits import Kind, Scope, Subject, normalize_ip
 
 # Ids become Redis key segments and log fields: keep them bounded.
 MAX_ID_LEN = 256
@@ -51,7 +49,7 @@ def subject_from_proto(msg: ratelimit_pb2.Subject, v: Violations, path: str = "s
     client_ip = ""
     if msg.client_ip:
         try:
-            client_ip = str(ipaddress.ip_address(msg.client_ip))
+            client_ip = normalize_ip(msg.client_ip)
         except ValueError:
             v.add(f"{path}.client_ip", "must be an IPv4 or IPv6 address")
     return Subject(org_id=principal.org_id, team_id=principal.team_id, key_id=principal.key_id, client_ip=client_ip)
