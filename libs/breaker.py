@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 
 import pybreaker
@@ -64,7 +65,12 @@ class Breaker:
 
     @property
     def is_open(self) -> bool:
-        return self.state == pybreaker.STATE_OPEN
+        """Open and still cooling down. Once the reset timeout has passed the next call is a
+        half-open probe, so callers that skip open breakers must not skip this one."""
+        if self.state != pybreaker.STATE_OPEN:
+            return False
+        opened_at = self._cb._state_storage.opened_at
+        return opened_at is None or datetime.now(UTC) < opened_at + timedelta(seconds=self._cb.reset_timeout)
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:

@@ -16,42 +16,46 @@ from libs.launcher import LauncherSettings, Mesh, free_port
 DEMO_MODEL = "demo-small"
 
 
-def _default_models(mesh: Mesh) -> list[object]:
+def _default_models(mesh: Mesh, model: str) -> list[object]:
     from services.router.bootstrap import DefaultModel
 
     target = f"{mesh.settings.host}:{mesh.settings.inference_port}"
-    return [DefaultModel(name=DEMO_MODEL, provider="openai-compatible", inference_target=target,
+    return [DefaultModel(name=model, provider="openai-compatible", inference_target=target,
                          context_window=8192, cost_tier="cheap", input_per_mtok=150_000_000,
                          output_per_mtok=600_000_000, cached_input_per_mtok=75_000_000)]
 
 
-async def _bootstrap(mesh: Mesh) -> str | None:
-    from services.router.bootstrap import bootstrap
+async def bootstrap_mesh(mesh: Mesh, model: str = DEMO_MODEL) -> str | None:
+    """Apply the schema and create the default org, team, model and price, before the router starts
+    (so its first registry load already has them); returns a new admin key (None if one exists)."""
+    from services.router.bootstrap import apply_migrations, bootstrap
     from services.router.db import create_pool
 
+    await apply_migrations(mesh.env["TOLLGATE_DATABASE_URL"])
     pool = await create_pool(mesh.env["TOLLGATE_DATABASE_URL"])
     try:
-        return await bootstrap(pool, _default_models(mesh))  # type: ignore[arg-type]
+        return await bootstrap(pool, _default_models(mesh, model))  # type: ignore[arg-type]
     finally:
         await pool.close()
 
 
-def _start(settings: LauncherSettings) -> tuple[Mesh, str | None]:
+def start_mesh(settings: LauncherSettings, model: str = DEMO_MODEL) -> tuple[Mesh, str | None]:
+    """Start the mesh and bootstrap it; returns the mesh and a new admin key (None if one existed)."""
     mesh = Mesh(settings)
+    admin_keys: list[str | None] = []
     try:
-        mesh.start()
-        admin_key = asyncio.run(_bootstrap(mesh))
+        mesh.start(prepare=lambda m: admin_keys.append(asyncio.run(bootstrap_mesh(m, model))))
     except BaseException:
         mesh.stop()
         raise
-    return mesh, admin_key
+    return mesh, admin_keys[0]
 
 
 def cmd_up(_: argparse.Namespace) -> int:
     settings = LauncherSettings()
     os.environ.setdefault("TOLLGATE_INFERENCE_MODELS", DEMO_MODEL)
     print(f"tollgate: starting the mesh (data in {settings.data_dir.resolve()}) …", flush=True)
-    mesh, admin_key = _start(settings)
+    mesh, admin_key = start_mesh(settings)
     try:
         print(f"\ntollgate is serving. Router: {mesh.router_address}")
         print(f"  services : router {settings.router_port}, cache {settings.cache_port}, "
@@ -92,7 +96,7 @@ def cmd_demo(_: argparse.Namespace) -> int:
             update={f"{name}_port": port for name, port in env_ports.items()})
         os.environ["TOLLGATE_INFERENCE_MODELS"] = DEMO_MODEL
         print("tollgate demo: starting a private mesh …", flush=True)
-        mesh, admin_key = _start(settings)
+        mesh, admin_key = start_mesh(settings)
         try:
             assert admin_key is not None
             return asyncio.run(run_demo(mesh.router_address, admin_key, DEMO_MODEL))

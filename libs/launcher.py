@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +167,8 @@ class Mesh:
         self.children.append(child)
         return child
 
-    def start(self) -> None:
+    def start(self, prepare: Callable[[Mesh], None] | None = None) -> None:
+        """Start infrastructure, run ``prepare`` (schema, bootstrap) against it, then the services."""
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         for port in (s.router_port, s.cache_port, s.ratelimit_port, s.retrieval_port, s.inference_port):
@@ -184,6 +185,8 @@ class Mesh:
             database_url = self.postgres.start()
         self.env = {"TOLLGATE_REDIS_URL": redis_url, "TOLLGATE_DATABASE_URL": database_url,
                     "TOLLGATE_DATA_DIR": str(s.data_dir.resolve()), "PYTHONUNBUFFERED": "1"}
+        if prepare is not None:
+            prepare(self)
         provider_url = s.provider_base_url
         if not provider_url:
             fake = self._spawn("fake-provider", ["-m", "tests.fake_provider", "--port", str(s.fake_provider_port)],

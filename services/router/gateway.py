@@ -288,7 +288,8 @@ class Gateway:
             return await self._cache.lookup(ns, model.name, cmd.messages, cmd.params,
                                             max_age_s=cmd.cache.max_age_s, allow_stale=allow_stale,
                                             exact_only=cmd.cache.no_semantic, deadline=self._side(deadline))
-        except (Unavailable, DeadlineExceeded) as exc:
+        except TollgateError as exc:
+            # Fail open: whatever the cache's problem, the request is still served.
             log.warning("cache lookup skipped: %s", exc.reason)
             return None
 

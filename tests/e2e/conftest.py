@@ -1,0 +1,76 @@
+"""The whole mesh as separate processes (started by the real launcher), against CI's Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from libs.cli import start_mesh
+from libs.launcher import LauncherSettings, Mesh, free_port
+from tests.support import infra
+
+MODEL = "e2e-small"
+
+
+@dataclass
+class RunningMesh:
+    mesh: Mesh
+    admin_key: str
+    database_url: str
+    provider_url: str
+    redis_prefix: str
+
+    @property
+    def router(self) -> str:
+        return self.mesh.router_address
+
+    def provider(self, **control: object) -> dict[str, object]:
+        """Set fault modes on the fake provider; returns its counters."""
+        with httpx.Client(base_url=self.provider_url, timeout=5) as client:
+            if control:
+                client.post("/_control", json=control).raise_for_status()
+            state: dict[str, object] = client.get("/_control/state").json()
+            return state
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    db_name = infra.unique_name("tollgate_e2e")
+    database_url = asyncio.run(infra.create_database(db_name))
+    prefix = f"tgtest:{infra.unique_name('e2e')}:"
+    data_dir: Path = tmp_path_factory.mktemp("mesh")
+    provider_port = free_port()
+    env = {
+        "TOLLGATE_REDIS_PREFIX": prefix,
+        "TOLLGATE_INFERENCE_MODELS": MODEL,
+        "TOLLGATE_ROUTER_BREAKER_FAIL_MAX": "3",
+        "TOLLGATE_ROUTER_BREAKER_RESET_TIMEOUT_S": "1.0",
+        "TOLLGATE_RATELIMIT_LIMITS_REFRESH_S": "0.5",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    settings = LauncherSettings(data_dir=data_dir, redis_url=infra.REDIS_URL, database_url=database_url,
+                                fake_provider_port=provider_port).model_copy(update={
+        "router_port": free_port(), "cache_port": free_port(), "ratelimit_port": free_port(),
+        "retrieval_port": free_port(), "inference_port": free_port(), "provider_base_url": ""})
+    mesh: Mesh | None = None
+    try:
+        mesh, admin_key = start_mesh(settings, MODEL)
+        assert admin_key is not None
+        yield RunningMesh(mesh, admin_key, database_url, f"http://127.0.0.1:{provider_port}", prefix)
+    finally:
+        if mesh is not None:
+            mesh.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        asyncio.run(infra.drop_database(db_name))
+        asyncio.run(infra.delete_redis_prefix(infra.REDIS_URL, prefix))
