@@ -43,7 +43,7 @@ lint: setup
 	$(VENV)/bin/buf lint
 
 bench: setup
-	$(PY) -m tests.bench.run
+	$(PY) -m tests.bench.run --write
 
 clean:
 	rm -rf $(VENV) gen .tollgate

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, Overloaded
@@ -79,7 +79,5 @@ class AdmissionGate:
             self.release()
 
     def _discard(self, waiter: asyncio.Future[None]) -> None:
-        try:
+        with suppress(ValueError):
             self._waiters.remove(waiter)
-        except ValueError:
-            pass

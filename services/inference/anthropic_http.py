@@ -130,6 +130,7 @@ class AnthropicHttpEngine(HttpEngineBase):
                             cache_write = max(cache_write, as_int(usage.get("cache_creation_input_tokens")))
                     elif kind == "message_stop":
                         stopped = True
+                        await self._drain(events)
                         break
                     # content_block_start / content_block_stop and unknown events carry nothing we need.
             if not stopped and finish is None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from libs.chat import ChatMessage, GenerationChunk, GenerationParams
@@ -50,44 +49,56 @@ class InferenceCore:
         return await self.engine.count_tokens(model, messages)
 
     async def generate(self, request_id: str, model: str, messages: Sequence[ChatMessage], params: GenerationParams,
-                       deadline: Deadline) -> AsyncIterator[GenerationChunk]:
+                       deadline: Deadline) -> AsyncGenerator[GenerationChunk, None]:
         """Admit, then stream the engine's chunks; closing this iterator stops the engine's work."""
         served = self.model(model)
         if served is not None:
             input_tokens = await self.engine.count_tokens(model, messages)
             if input_tokens > served.context_window:
-                raise InvalidArgument([FieldViolation(
-                    "messages", f"about {input_tokens} input tokens exceed the context window of {served.context_window}"
-                )])
+                raise InvalidArgument([FieldViolation("messages", f"about {input_tokens} input tokens exceed the "
+                                                                  f"context window of {served.context_window}")])
         started = time.monotonic()
         await self.gate.acquire(deadline)
         first_token_ms: float | None = None
         deltas = 0
         outcome = "cancelled"
+        stream = self.engine.generate(request_id, model, messages, params, deadline)
         try:
-            async with aclosing(self.engine.generate(request_id, model, messages, params, deadline)) as stream:
-                async for chunk in stream:
-                    if chunk.delta:
-                        deltas += 1
-                        if first_token_ms is None:
-                            first_token_ms = (time.monotonic() - started) * 1000
-                    if chunk.usage is not None:
-                        outcome = "ok"
-                        log.info("generated request_id=%s model=%s provider=%s finish=%s input_tokens=%d "
-                                 "output_tokens=%d cached_tokens=%d deltas=%d ttft_ms=%.0f total_ms=%.0f%s",
-                                 request_id, model, chunk.provider, chunk.finish_reason, chunk.usage.input_tokens,
-                                 chunk.usage.output_tokens, chunk.usage.cached_input_tokens, deltas,
-                                 first_token_ms or 0.0, (time.monotonic() - started) * 1000,
-                                 " usage_estimated" if chunk.extra.get(USAGE_ESTIMATED) else "")
-                    yield chunk
+            async for chunk in stream:
+                if chunk.delta:
+                    deltas += 1
+                    if first_token_ms is None:
+                        first_token_ms = (time.monotonic() - started) * 1000
+                if chunk.usage is not None:
+                    outcome = "ok"
+                    log.info("generated request_id=%s model=%s provider=%s finish=%s input_tokens=%d "
+                             "output_tokens=%d cached_tokens=%d deltas=%d ttft_ms=%.0f total_ms=%.0f%s",
+                             request_id, model, chunk.provider, chunk.finish_reason, chunk.usage.input_tokens,
+                             chunk.usage.output_tokens, chunk.usage.cached_input_tokens, deltas,
+                             first_token_ms or 0.0, (time.monotonic() - started) * 1000,
+                             " usage_estimated" if chunk.extra.get(USAGE_ESTIMATED) else "")
+                yield chunk
         except TollgateError as exc:
             outcome = exc.reason
             raise
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
+        except Exception:
+            outcome = "error"
+            raise
         finally:
-            self.gate.release()
+            try:
+                await _aclose(stream)
+            finally:
+                self.gate.release()
             if outcome != "ok":
                 log.info("generation ended request_id=%s model=%s outcome=%s deltas=%d total_ms=%.0f",
                          request_id, model, outcome, deltas, (time.monotonic() - started) * 1000)
+
+
+async def _aclose(stream: AsyncIterator[GenerationChunk]) -> None:
+    """Close the engine's stream now (not whenever it is garbage-collected): that is what stops the work."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -20,7 +20,7 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import httpx
@@ -49,6 +49,9 @@ DEFAULT_RATE_LIMIT_RETRY_S = 1.0
 # Error bodies are read only this far (they are parsed for a message, never logged).
 _MAX_ERROR_BODY_BYTES = 64 * 1024
 _MAX_ERROR_MESSAGE_CHARS = 300
+# After the provider's end-of-stream marker, how long to wait for the body to end so the
+# connection can go back to the pool (otherwise it is closed).
+_DRAIN_S = 0.5
 
 
 def provider_rate_limited(provider: str, retry_after_s: float | None, detail: str = "") -> QuotaExceeded:
@@ -177,11 +180,11 @@ class HttpEngineBase:
             raise NotFound(f"model {model!r} is not served by this engine")
         return served
 
-    def _budget(self, deadline: Deadline) -> tuple[float, bool]:
+    def _budget(self, deadline: Deadline, where: str = "before the provider answered") -> tuple[float, bool]:
         """(timeout for the next wait, whether that timeout is the request's deadline)."""
         left = deadline.remaining() - self._margin_s
         if left <= 0.001:
-            raise self._timeout_error(deadline, True, "before the provider answered")
+            raise self._timeout_error(deadline, True, where)
         if left > self._idle_timeout_s:
             return self._idle_timeout_s, False
         return left, True
@@ -273,15 +276,24 @@ class HttpEngineBase:
         with contextlib.suppress(Exception):
             await response.aclose()
 
+    async def _drain(self, events: AsyncGenerator[SSEEvent, None]) -> None:
+        """Read what follows the end-of-stream marker, briefly, so the kept-alive connection is reusable."""
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                async for _ in events:
+                    pass
+        except (TimeoutError, TollgateError):
+            pass
+
     async def _events(self, request_id: str, path: str, body: dict[str, Any],
-                      deadline: Deadline) -> AsyncIterator[SSEEvent]:
+                      deadline: Deadline) -> AsyncGenerator[SSEEvent, None]:
         """The provider's event stream; closing this iterator closes the HTTP response."""
         response = await self._send(request_id, path, body, deadline)
         decoder = SSEDecoder()
         chunks = response.aiter_bytes()
         try:
             while True:
-                timeout, bound = self._budget(deadline)
+                timeout, bound = self._budget(deadline, "in the middle of the stream")
                 try:
                     async with asyncio.timeout(timeout):
                         chunk = await anext(chunks, None)

@@ -88,9 +88,10 @@ class OpenAIHttpEngine(HttpEngineBase):
                 async for event in events:
                     if event.data.strip() == "[DONE]":
                         done = True
+                        await self._drain(events)
                         break
                     data = parse_json(event)
-                    if "error" in data and not data.get("choices"):
+                    if data.get("error") and not data.get("choices"):
                         raise stream_error(self.provider, data.get("error"))
                     reported_model = str(data.get("model") or reported_model)
                     if isinstance(data.get("usage"), dict):

@@ -48,7 +48,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             served = ", ".join(m.name for m in self._core.models())
             violations.add("model", f"model {model[:100]!r} is not served by this instance (serves: {served})")
 
-    async def Generate(self, request: inference_pb2.GenerateRequest,  # noqa: N802 - gRPC method name
+    async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateResponse]:
         violations = Violations()
         violations.check(len(request.request_id) <= MAX_REQUEST_ID_CHARS, "request_id",
@@ -75,9 +75,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         provider=chunk.provider,
                     ))
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
-    async def CountTokens(self, request: inference_pb2.CountTokensRequest,  # noqa: N802
+    async def CountTokens(self, request: inference_pb2.CountTokensRequest,
                           context: grpc.aio.ServicerContext) -> inference_pb2.CountTokensResponse:
         violations = Violations()
         self._check_model(request.model, violations)
@@ -86,14 +86,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         count = await self._core.count_tokens(request.model, messages_from_proto(request.messages))
         return inference_pb2.CountTokensResponse(input_tokens=count)
 
-    async def ListModels(self, request: inference_pb2.ListModelsRequest,  # noqa: N802
+    async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(models=[
             inference_pb2.ServedModel(name=m.name, provider=m.provider, context_window=m.context_window)
             for m in self._core.models()
         ])
 
-    async def GetLoad(self, request: inference_pb2.GetLoadRequest,  # noqa: N802
+    async def GetLoad(self, request: inference_pb2.GetLoadRequest,
                       context: grpc.aio.ServicerContext) -> inference_pb2.GetLoadResponse:
         load = self._core.load()
         return inference_pb2.GetLoadResponse(running_requests=load.running, waiting_requests=load.waiting,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from libs.settings import ServiceSettings
@@ -41,7 +41,9 @@ class InferenceSettings(ServiceSettings):
     anthropic_version: str = "2023-06-01"
 
     # Comma-separated public model names, each optionally "public=upstream".
-    served_models: str = "gpt-4o-mini"
+    # TOLLGATE_INFERENCE_SERVED_MODELS, or TOLLGATE_INFERENCE_MODELS as the launcher spells it.
+    served_models: str = Field("gpt-4o-mini", validation_alias=AliasChoices(
+        "served_models", "TOLLGATE_INFERENCE_SERVED_MODELS", "TOLLGATE_INFERENCE_MODELS"))
     context_window: int = Field(128_000, ge=1)
     # Used when a request leaves max_output_tokens at 0 and the API needs a value (anthropic).
     default_max_output_tokens: int = Field(1024, ge=1)
@@ -68,12 +70,17 @@ class InferenceSettings(ServiceSettings):
         value = value.strip().rstrip("/")
         return value.removesuffix("/v1")
 
+    @field_validator("served_models")
+    @classmethod
+    def _some_model(cls, value: str) -> str:
+        if not any(item.partition("=")[0].strip() for item in value.split(",")):
+            raise ValueError("must name at least one model (comma-separated, each optionally public=upstream)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> InferenceSettings:
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s must not exceed max_timeout_s")
-        if not self.model_map:
-            raise ValueError("served_models must name at least one model")
         return self
 
     @property

@@ -1,0 +1,66 @@
+"""Inference service process: one engine (an HTTP provider now, vLLM later) behind the admission gate."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+from libs.grpc_server import ServiceBinding, run, serve_until_stopped
+from libs.settings import SettingsError, load_settings
+from services.inference.admission import AdmissionGate
+from services.inference.anthropic_http import AnthropicHttpEngine
+from services.inference.core import InferenceCore
+from services.inference.engine import Engine, ServedModel
+from services.inference.openai_http import OpenAIHttpEngine
+from services.inference.servicer import InferenceServicer
+from services.inference.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+
+def served_models(settings: InferenceSettings) -> list[ServedModel]:
+    return [ServedModel(name=public, provider=settings.provider, context_window=settings.context_window,
+                        upstream=upstream)
+            for public, upstream in settings.model_map.items()]
+
+
+def make_engine(settings: InferenceSettings) -> Engine:
+    api_key = settings.api_key.get_secret_value()
+    models = served_models(settings)
+    # Every admitted generation gets a pooled connection without queueing for one.
+    pool = settings.max_concurrency
+    if settings.engine == "openai":
+        return OpenAIHttpEngine(base_url=settings.base_url, api_key=api_key, models=models,
+                                provider=settings.provider, connect_timeout_s=settings.connect_timeout_s,
+                                stream_idle_timeout_s=settings.stream_idle_timeout_s,
+                                deadline_margin_s=settings.deadline_margin_s, max_connections=pool)
+    if settings.engine == "anthropic":
+        return AnthropicHttpEngine(base_url=settings.base_url, api_key=api_key, models=models,
+                                   provider=settings.provider, anthropic_version=settings.anthropic_version,
+                                   default_max_output_tokens=settings.default_max_output_tokens,
+                                   connect_timeout_s=settings.connect_timeout_s,
+                                   stream_idle_timeout_s=settings.stream_idle_timeout_s,
+                                   deadline_margin_s=settings.deadline_margin_s, max_connections=pool)
+    print("TOLLGATE_INFERENCE_ENGINE=vllm: the vLLM engine is not part of this build yet", file=sys.stderr)
+    raise SettingsError(2)
+
+
+async def build(settings: InferenceSettings, engine: Engine | None = None,
+                ) -> tuple[Sequence[ServiceBinding], Callable[[], Awaitable[None]]]:
+    """Wire engine, gate, domain and servicer; returns the bindings and an async close."""
+    engine = engine or make_engine(settings)
+    gate = AdmissionGate(settings.max_concurrency, settings.max_waiting, retry_after_s=settings.overload_retry_after_s)
+    servicer = InferenceServicer(InferenceCore(engine, gate), settings)
+    log.info("engine %s (provider %s) serving %s; concurrency %d, queue %d", settings.engine, settings.provider,
+             ", ".join(settings.model_map), settings.max_concurrency, settings.max_waiting)
+    return [servicer.binding()], engine.aclose
+
+
+async def serve(settings: InferenceSettings) -> None:
+    await serve_until_stopped(settings, "inference", lambda: build(settings))
+
+
+def main() -> None:
+    settings = load_settings(InferenceSettings)
+    run(lambda: serve(settings), service="inference", log_level=settings.log_level)
