@@ -228,10 +228,12 @@ class ControlPlane:
         select_groups = ", ".join(f"{c} AS g{i}" for i, c in enumerate(cols))
         group_clause = f"GROUP BY {', '.join(f'g{i}' for i in range(len(cols)))} ORDER BY 1" if cols else ""
         sql = (
+            # sum() of integers is numeric in PostgreSQL; cast back so amounts stay exact integers.
             f"SELECT {select_groups + ',' if cols else ''} count(*) AS requests, "
-            "coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens, "
-            "coalesce(sum(cached_input_tokens), 0) AS cached_input_tokens, "
-            "coalesce(sum(cost_nano_usd), 0) AS cost, coalesce(sum(saved_nano_usd), 0) AS saved, "
+            "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, "
+            "coalesce(sum(output_tokens), 0)::bigint AS output_tokens, "
+            "coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens, "
+            "coalesce(sum(cost_nano_usd), 0)::bigint AS cost, coalesce(sum(saved_nano_usd), 0)::bigint AS saved, "
             "count(*) FILTER (WHERE cache_tier IN ('exact', 'semantic')) AS cache_hits, "
             "count(*) FILTER (WHERE status = 'error') AS errors "
             f"FROM usage_ledger WHERE started_at >= $1 AND started_at < $2 {group_clause}")

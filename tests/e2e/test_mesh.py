@@ -15,6 +15,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
@@ -80,7 +81,7 @@ async def _ledger_rows(mesh: RunningMesh, request_ids: list[str], timeout_s: flo
 
 
 async def test_miss_then_exact_hit_with_cost_saving_and_ledger(mesh: RunningMesh) -> None:
-    _, key = await _member_key(mesh)
+    key_id, key = await _member_key(mesh)
     question = f"What is a gateway? {uuid.uuid4().hex}"
     async with grpc.aio.insecure_channel(mesh.router) as ch:
         router = router_pb2_grpc.RouterServiceStub(ch)
@@ -100,6 +101,15 @@ async def test_miss_then_exact_hit_with_cost_saving_and_ledger(mesh: RunningMesh
     assert by_id[ids[0]]["cost_nano_usd"] == first.summary.cost_nano_usd
     assert by_id[ids[1]]["cache_tier"] == "exact"
     assert by_id[ids[1]]["saved_nano_usd"] == first.summary.cost_nano_usd
+    # The same numbers through the admin API's usage report.
+    async with grpc.aio.insecure_channel(mesh.router) as ch:
+        now = int(time.time())
+        report = await admin_pb2_grpc.AdminServiceStub(ch).GetUsageReport(admin_pb2.GetUsageReportRequest(
+            start_time=timestamp_pb2.Timestamp(seconds=now - 600), end_time=timestamp_pb2.Timestamp(seconds=now + 60),
+            group_by=[admin_pb2.USAGE_GROUP_BY_KEY]), metadata=_md(mesh.admin_key), timeout=10)
+    [row] = [r for r in report.rows if r.group_values == [key_id]]
+    assert (row.requests, row.cache_hits) == (2, 1)
+    assert row.cost_nano_usd == row.saved_nano_usd == first.summary.cost_nano_usd
 
 
 async def test_stream_deltas_then_summary(mesh: RunningMesh) -> None:

@@ -93,3 +93,31 @@ async def test_bootstrap_creates_one_admin_key_once(pool: asyncpg.Pool) -> None:
     assert await bootstrap(pool, models) is None
     record = await ControlPlane(pool).find_by_hash(hash_key(first))
     assert record is not None and record.is_admin
+
+
+async def test_usage_report_groups_and_sums_exactly(pool: asyncpg.Pool) -> None:
+    day1 = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    day2 = datetime(2026, 3, 2, 12, tzinfo=UTC)
+    rows = [("r1", day1, "k1", "m1", 10, 5, 1_000, 0, "miss", "ok"),
+            ("r2", day1, "k1", "m1", 10, 5, 0, 1_000, "exact", "ok"),
+            ("r3", day2, "k2", "m2", 7, 3, 3_000_000_000_000, 0, "miss", "ok"),
+            ("r4", day2, "k2", "m2", 0, 0, 0, 0, "miss", "error")]
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO usage_ledger (request_id, started_at, finished_at, org_id, team_id, key_id, model, provider,"
+            " input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, saved_nano_usd, cache_tier, status,"
+            " latency_ms) VALUES ($1, $2, $2, 'o', 't', $3, $4, 'p', $5, $6, 0, $7, $8, $9, $10, 1)", rows)
+    cp = ControlPlane(pool)
+    by_key = {r.group_values: r for r in await cp.usage_report(day1 - timedelta(days=1), day2 + timedelta(days=1),
+                                                               ["key"])}
+    assert by_key[("k1",)].requests == 2 and by_key[("k1",)].cache_hits == 1
+    assert by_key[("k1",)].cost_nano_usd == 1_000 and by_key[("k1",)].saved_nano_usd == 1_000
+    assert by_key[("k2",)].cost_nano_usd == 3_000_000_000_000 and by_key[("k2",)].errors == 1
+    assert isinstance(by_key[("k2",)].cost_nano_usd, int)
+    by_day_model = [r.group_values for r in await cp.usage_report(day1 - timedelta(days=1),
+                                                                   day2 + timedelta(days=1), ["day", "model"])]
+    assert by_day_model == [("2026-03-01", "m1"), ("2026-03-02", "m2")]
+    only_day1 = await cp.usage_report(day1 - timedelta(hours=1), day1 + timedelta(hours=1), [])
+    assert only_day1[0].requests == 2
+    with pytest.raises(InvalidArgument):
+        await cp.usage_report(day2, day1, [])
