@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -51,6 +52,15 @@ def start_mesh(settings: LauncherSettings, model: str = DEMO_MODEL) -> tuple[Mes
     return mesh, admin_keys[0]
 
 
+def _stop_requested() -> list[str]:
+    """A list that gets the signal's name on SIGINT or SIGTERM. Installed explicitly: a shell starts
+    background jobs with SIGINT ignored, and Python would then never raise KeyboardInterrupt."""
+    received: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signal.Signals(signum).name))
+    return received
+
+
 def cmd_up(_: argparse.Namespace) -> int:
     settings = LauncherSettings()
     os.environ.setdefault("TOLLGATE_INFERENCE_MODELS", DEMO_MODEL)
@@ -71,15 +81,15 @@ def cmd_up(_: argparse.Namespace) -> int:
             print(f"\n  Bootstrap admin key (shown once, stored only as a hash):\n    {admin_key}\n")
         print(f"  try: grpcurl -plaintext {mesh.router_address} list")
         print("  Ctrl-C stops everything.", flush=True)
-        while True:
+        stop = _stop_requested()
+        while not stop:
             dead = mesh.dead_child()
             if dead is not None:
                 print(f"tollgate: {dead.name} exited with {dead.proc.returncode}; see {dead.log_path}",
                       file=sys.stderr)
                 return 1
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("\ntollgate: stopping …", flush=True)
+            time.sleep(0.2)
+        print(f"\ntollgate: {stop[0]} received, stopping …", flush=True)
         return 0
     finally:
         mesh.stop()

@@ -74,6 +74,15 @@ def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen[bytes] |
     raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f}s")
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it if the launcher dies without cleaning up."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @dataclass
 class Child:
     name: str
@@ -162,7 +171,8 @@ class Mesh:
         log_path = logs / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, **env},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_terminate_with_parent)
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child
