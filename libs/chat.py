@@ -79,6 +79,8 @@ class GenerationChunk:
     """One event of a generation stream: a text delta, or the final usage."""
 
     delta: str = ""
+    # Tokens in this delta when the engine knows them (vLLM); 0 = unknown.
+    output_tokens: int = 0
     usage: TokenUsage | None = None
     finish_reason: FinishReason | None = None
     model: str = ""

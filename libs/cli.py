@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 import tempfile
@@ -13,20 +12,24 @@ from pathlib import Path
 
 from libs.launcher import LauncherSettings, Mesh, free_port
 
-# What a fresh deployment serves until an admin registers more (prices like a small hosted model).
-DEMO_MODEL = "demo-small"
+# Prices a fresh deployment starts with (nano-USD per million tokens); admins change them with SetPrice.
+# Self-hosted: a nominal amortized hardware cost. HTTP provider: like a small hosted model.
+_PRICES = {"vllm": (10_000_000, 30_000_000, 5_000_000), "http": (150_000_000, 600_000_000, 75_000_000)}
 
 
-def _default_models(mesh: Mesh, model: str) -> list[object]:
+def _default_models(mesh: Mesh) -> list[object]:
     from services.router.bootstrap import DefaultModel
 
-    target = f"{mesh.settings.host}:{mesh.settings.inference_port}"
-    return [DefaultModel(name=model, provider="openai-compatible", inference_target=target,
-                         context_window=8192, cost_tier="cheap", input_per_mtok=150_000_000,
-                         output_per_mtok=600_000_000, cached_input_per_mtok=75_000_000)]
+    s = mesh.settings
+    kind = "vllm" if s.inference_engine == "vllm" else "http"
+    inp, out, cached = _PRICES[kind]
+    return [DefaultModel(name=s.served_model_name, provider=s.inference_engine,
+                         inference_target=f"{s.host}:{s.inference_port}",
+                         context_window=2048 if kind == "vllm" else 8192, cost_tier="cheap",
+                         input_per_mtok=inp, output_per_mtok=out, cached_input_per_mtok=cached)]
 
 
-async def bootstrap_mesh(mesh: Mesh, model: str = DEMO_MODEL) -> str | None:
+async def bootstrap_mesh(mesh: Mesh) -> str | None:
     """Apply the schema and create the default org, team, model and price, before the router starts
     (so its first registry load already has them); returns a new admin key (None if one exists)."""
     from services.router.bootstrap import apply_migrations, bootstrap
@@ -35,17 +38,17 @@ async def bootstrap_mesh(mesh: Mesh, model: str = DEMO_MODEL) -> str | None:
     await apply_migrations(mesh.env["TOLLGATE_DATABASE_URL"])
     pool = await create_pool(mesh.env["TOLLGATE_DATABASE_URL"])
     try:
-        return await bootstrap(pool, _default_models(mesh, model))  # type: ignore[arg-type]
+        return await bootstrap(pool, _default_models(mesh))  # type: ignore[arg-type]
     finally:
         await pool.close()
 
 
-def start_mesh(settings: LauncherSettings, model: str = DEMO_MODEL) -> tuple[Mesh, str | None]:
+def start_mesh(settings: LauncherSettings) -> tuple[Mesh, str | None]:
     """Start the mesh and bootstrap it; returns the mesh and a new admin key (None if one existed)."""
     mesh = Mesh(settings)
     admin_keys: list[str | None] = []
     try:
-        mesh.start(prepare=lambda m: admin_keys.append(asyncio.run(bootstrap_mesh(m, model))))
+        mesh.start(prepare=lambda m: admin_keys.append(asyncio.run(bootstrap_mesh(m))))
     except BaseException:
         mesh.stop()
         raise
@@ -63,7 +66,6 @@ def _stop_requested() -> list[str]:
 
 def cmd_up(_: argparse.Namespace) -> int:
     settings = LauncherSettings()
-    os.environ.setdefault("TOLLGATE_INFERENCE_MODELS", DEMO_MODEL)
     print(f"tollgate: starting the mesh (data in {settings.data_dir.resolve()}) …", flush=True)
     mesh, admin_key = start_mesh(settings)
     try:
@@ -74,8 +76,10 @@ def cmd_up(_: argparse.Namespace) -> int:
         for name, private in (("redis", mesh.redis), ("postgres", mesh.postgres)):
             where = f"private, under {settings.data_dir / name}" if private else "external"
             print(f"  {name:<9}: {where}")
-        if not settings.provider_base_url:
-            print("  upstream : the bundled fake provider (set TOLLGATE_INFERENCE_PROVIDER_BASE_URL for a real one)")
+        if settings.inference_engine == "vllm":
+            print(f"  model    : {settings.served_model_name} on vLLM in-process (CPU build)")
+        elif not settings.provider_base_url:
+            print(f"  model    : {settings.served_model_name} via the bundled fake provider")
         print(f"  logs     : {settings.data_dir / 'logs'}")
         if admin_key:
             print(f"\n  Bootstrap admin key (shown once, stored only as a hash):\n    {admin_key}\n")
@@ -104,12 +108,11 @@ def cmd_demo(_: argparse.Namespace) -> int:
         settings = LauncherSettings(data_dir=Path(tmp), redis_url="", database_url="",
                                     fake_provider_port=free_port()).model_copy(
             update={f"{name}_port": port for name, port in env_ports.items()})
-        os.environ["TOLLGATE_INFERENCE_MODELS"] = DEMO_MODEL
         print("tollgate demo: starting a private mesh …", flush=True)
         mesh, admin_key = start_mesh(settings)
         try:
             assert admin_key is not None
-            return asyncio.run(run_demo(mesh.router_address, admin_key, DEMO_MODEL))
+            return asyncio.run(run_demo(mesh.router_address, admin_key, settings.served_model_name))
         finally:
             mesh.stop()
 

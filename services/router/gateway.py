@@ -163,6 +163,8 @@ class _Attempt:
     price: Price = FREE
     reservation: Reservation | None = None
     text: list[str] = field(default_factory=list)
+    # Output tokens the engine reported delta by delta (vLLM); 0 when it does not say.
+    counted_output_tokens: int = 0
     usage: TokenUsage | None = None
     finish: FinishReason | None = None
     cache_tier: str = "miss"
@@ -177,9 +179,10 @@ class _Attempt:
             return self.usage
         if not self.text:
             return TokenUsage()  # nothing was generated: nothing to bill
-        # Cut off before the engine reported usage: bill what was sent and generated.
-        return TokenUsage(estimate_prompt_tokens(m.content for m in self.cmd.messages),
-                          sum(estimate_tokens(t) for t in self.text), 0)
+        # Cut off before the engine reported usage: bill what was sent and generated, with the engine's
+        # own per-delta token counts when it gave them, else an estimate from the text.
+        generated = self.counted_output_tokens or sum(estimate_tokens(t) for t in self.text)
+        return TokenUsage(estimate_prompt_tokens(m.content for m in self.cmd.messages), generated, 0)
 
 
 class Gateway:
@@ -338,6 +341,7 @@ class Gateway:
             try:
                 async for chunk in self._inference.generate(model.inference_target, attempt.request_id,
                                                             model.name, cmd.messages, params, deadline):
+                    attempt.counted_output_tokens += chunk.output_tokens
                     if chunk.delta:
                         attempt.text.append(chunk.delta)
                         yield chunk.delta

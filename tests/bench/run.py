@@ -127,12 +127,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp:
         settings = LauncherSettings(data_dir=Path(tmp), fake_provider_port=free_port()).model_copy(update={
-            f"{n}_port": free_port() for n in ("router", "cache", "ratelimit", "retrieval", "inference")})
+            **{f"{n}_port": free_port() for n in ("router", "cache", "ratelimit", "retrieval", "inference")},
+            "inference_engine": "openai", "inference_models": MODEL, "provider_base_url": ""})
         import os
 
-        os.environ["TOLLGATE_INFERENCE_MODELS"] = MODEL
         os.environ["TOLLGATE_LOG_LEVEL"] = "WARNING"
-        mesh, admin_key = start_mesh(settings, MODEL)
+        mesh, admin_key = start_mesh(settings)
         try:
             assert admin_key
             rows = asyncio.run(_bench(mesh.router_address, f"127.0.0.1:{settings.inference_port}", admin_key,

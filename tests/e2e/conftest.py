@@ -48,7 +48,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     provider_port = free_port()
     env = {
         "TOLLGATE_REDIS_PREFIX": prefix,
-        "TOLLGATE_INFERENCE_MODELS": MODEL,
         "TOLLGATE_ROUTER_BREAKER_FAIL_MAX": "3",
         "TOLLGATE_ROUTER_BREAKER_RESET_TIMEOUT_S": "1.0",
         "TOLLGATE_RATELIMIT_LIMITS_REFRESH_S": "0.5",
@@ -58,10 +57,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     settings = LauncherSettings(data_dir=data_dir, redis_url=infra.REDIS_URL, database_url=database_url,
                                 fake_provider_port=provider_port).model_copy(update={
         "router_port": free_port(), "cache_port": free_port(), "ratelimit_port": free_port(),
-        "retrieval_port": free_port(), "inference_port": free_port(), "provider_base_url": ""})
+        "retrieval_port": free_port(), "inference_port": free_port(), "provider_base_url": "",
+        "inference_engine": "openai", "inference_models": MODEL})
     mesh: Mesh | None = None
     try:
-        mesh, admin_key = start_mesh(settings, MODEL)
+        mesh, admin_key = start_mesh(settings)
         assert admin_key is not None
         yield RunningMesh(mesh, admin_key, database_url, f"http://127.0.0.1:{provider_port}", prefix)
     finally:
