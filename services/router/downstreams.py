@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 
+import grpc
 from google.protobuf import duration_pb2
 from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
 from tollgate.common.v1 import common_pb2
@@ -94,48 +96,90 @@ class GrpcRateLimitClient:
                              deadline)
 
 
+class _Replica:
+    """One inference target: channel + breaker, and what we know of its load."""
+
+    def __init__(self, ds: Downstream):
+        self.ds = ds
+        self.stub = inference_pb2_grpc.InferenceServiceStub(ds.channel)
+        self.polled_load = 0  # running + waiting, from its last GetLoad
+        self.in_flight = 0  # generations this router has open on it right now
+        self.poller: asyncio.Task[None] | None = None
+
+    @property
+    def score(self) -> int:
+        # The replica's own count covers every router; ours reacts within a request, between polls.
+        return max(self.polled_load, self.in_flight)
+
+
 class GrpcInferenceClient:
-    """One Downstream (channel + breaker) per inference target, created on first use."""
+    """Inference targets (replicas) with a breaker each, ordered by load for every request.
+
+    A background poller per replica reads GetLoad every ``load_poll_s``; the router
+    prefers the least busy healthy replica, so several replicas of one model share
+    the traffic by how much work each has, not round robin.
+    """
 
     def __init__(self, *, margin_s: float, cap_s: float, fail_max: int, reset_timeout_s: float,
-                 tracing: bool = False):
+                 load_poll_s: float = 0.25, tracing: bool = False):
         self._margin = margin_s
         self._cap = cap_s
         self._fail_max = fail_max
         self._reset = reset_timeout_s
+        self._poll_s = load_poll_s
         self._tracing = tracing
-        self._targets: dict[str, tuple[Downstream, inference_pb2_grpc.InferenceServiceStub]] = {}
+        self._replicas: dict[str, _Replica] = {}
 
-    def _get(self, target: str) -> tuple[Downstream, inference_pb2_grpc.InferenceServiceStub]:
-        found = self._targets.get(target)
-        if found is None:
+    def _get(self, target: str) -> _Replica:
+        replica = self._replicas.get(target)
+        if replica is None:
             ds = Downstream(f"inference@{target}", target, margin_s=self._margin, cap_s=self._cap,
                             breaker=Breaker(f"inference@{target}", fail_max=self._fail_max,
                                             reset_timeout_s=self._reset), tracing=self._tracing)
-            found = (ds, inference_pb2_grpc.InferenceServiceStub(ds.channel))
-            self._targets[target] = found
-        return found
+            replica = self._replicas[target] = _Replica(ds)
+            replica.poller = asyncio.get_running_loop().create_task(self._poll(replica), name=f"load@{target}")
+        return replica
+
+    async def _poll(self, replica: _Replica) -> None:
+        while True:
+            try:
+                load = await replica.stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=max(self._poll_s, 0.1))
+                replica.polled_load = load.running_requests + load.waiting_requests
+            except grpc.aio.AioRpcError:
+                pass  # unreachable: its breaker decides whether it gets traffic
+            await asyncio.sleep(self._poll_s)
 
     def breaker(self, target: str) -> Breaker:
-        return self._get(target)[0].breaker
+        return self._get(target).ds.breaker
 
-    def is_open(self, target: str) -> bool:
-        return self._get(target)[0].breaker.is_open
+    def order(self, targets: Sequence[str]) -> list[str]:
+        """Replicas whose breaker lets a call through, least busy first (ties keep the given order)."""
+        live = [t for t in targets if not self._get(t).ds.breaker.is_open]
+        return sorted(live, key=lambda t: self._get(t).score)
+
+    def load(self, target: str) -> int:
+        return self._get(target).score
 
     async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
                        params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
-        ds, stub = self._get(target)
+        replica = self._get(target)
         req = inference_pb2.GenerateRequest(request_id=request_id, model=model,
                                             messages=messages_to_proto(messages), params=params_to_proto(params))
-        async for resp in ds.stream(stub.Generate, req, deadline):
-            if resp.HasField("result"):
-                r = resp.result
-                yield GenerationChunk(usage=usage_from_proto(r.usage),
-                                      finish_reason=finish_from_proto(r.finish_reason) or FinishReason.STOP,
-                                      model=r.model, provider=r.provider)
-            else:
-                yield GenerationChunk(delta=resp.delta, output_tokens=resp.delta_output_tokens)
+        replica.in_flight += 1
+        try:
+            async for resp in replica.ds.stream(replica.stub.Generate, req, deadline):
+                if resp.HasField("result"):
+                    r = resp.result
+                    yield GenerationChunk(usage=usage_from_proto(r.usage),
+                                          finish_reason=finish_from_proto(r.finish_reason) or FinishReason.STOP,
+                                          model=r.model, provider=r.provider)
+                else:
+                    yield GenerationChunk(delta=resp.delta, output_tokens=resp.delta_output_tokens)
+        finally:
+            replica.in_flight -= 1
 
     async def aclose(self) -> None:
-        for ds, _ in self._targets.values():
-            await ds.close()
+        for replica in self._replicas.values():
+            if replica.poller is not None:
+                replica.poller.cancel()
+            await replica.ds.close()

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -100,7 +100,9 @@ class UsageSink(Protocol):
 
 
 class InferenceClient(Protocol):
-    def is_open(self, target: str) -> bool: ...
+    def order(self, targets: Sequence[str]) -> list[str]:
+        """The replicas to try, healthy and least busy first."""
+        ...
 
     def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
                  params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]: ...
@@ -333,13 +335,10 @@ class Gateway:
             params = GenerationParams(params.temperature, params.top_p, self._default_max_output, params.stop,
                                       params.seed)
         last_error: TollgateError | None = None
-        for model in chain:
-            if self._inference.is_open(model.inference_target):
-                last_error = Unavailable(f"{model.name} backend circuit open", reason="BREAKER_OPEN")
-                continue
+        for model, target in self._candidates(chain):
             attempt.model, attempt.price = model, self._price(model)
             try:
-                async for chunk in self._inference.generate(model.inference_target, attempt.request_id,
+                async for chunk in self._inference.generate(target, attempt.request_id,
                                                             model.name, cmd.messages, params, deadline):
                     attempt.counted_output_tokens += chunk.output_tokens
                     if chunk.delta:
@@ -353,10 +352,15 @@ class Gateway:
             except (Unavailable, Overloaded, QuotaExceeded) as exc:
                 if attempt.text:
                     raise  # tokens already reached the client: cannot switch models mid-answer
-                log.warning("model %s failed (%s); trying the next in the chain", model.name, exc.reason)
+                log.warning("model %s at %s failed (%s); trying the next candidate", model.name, target, exc.reason)
                 last_error = exc
         if last_error is not None:
             log.warning("every backend failed for request %s: %s", attempt.request_id, last_error.reason)
+
+    def _candidates(self, chain: list[ModelEntry]) -> list[tuple[ModelEntry, str]]:
+        """Every (model, replica) to try in order: the chain's order, each model's replicas least busy first;
+        replicas whose breaker is open are left out."""
+        return [(model, target) for model in chain for target in self._inference.order(model.targets)]
 
     def _price(self, model: ModelEntry) -> Price:
         return self._registry.price(model.name, utcnow()) or FREE

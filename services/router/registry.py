@@ -27,6 +27,11 @@ class ModelEntry:
     context_window: int
     cost_tier: str  # "cheap" | "strong"
 
+    @property
+    def targets(self) -> list[str]:
+        """The inference replicas serving this model (``inference_target`` may list several, comma-separated)."""
+        return [t.strip() for t in self.inference_target.split(",") if t.strip()]
+
 
 @dataclass(frozen=True)
 class RegistrySnapshot:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -91,8 +91,8 @@ class ScriptedInference:
         self.modes = modes
         self.calls: list[str] = []
 
-    def is_open(self, target: str) -> bool:
-        return self.modes.get(target) == "open"
+    def order(self, targets: Sequence[str]) -> list[str]:
+        return [t for t in targets if self.modes.get(t) != "open"]
 
     async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
                        params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
@@ -255,6 +255,16 @@ async def test_unknown_and_forbidden_models() -> None:
     restricted = KeyRecord("k2", Principal("o", "t", "k2"), "member", ("backup",), None, False)
     with pytest.raises(PermissionDenied):
         gw.resolve_chain(restricted, _cmd("primary"))
+
+
+async def test_replicas_of_a_model_are_tried_before_the_next_model() -> None:
+    replicated = ModelEntry("primary", "p", "t-a, t-b", 8192, "strong")
+    cache, limiter, inference, ledger = MemoryCache(), MemoryLimiter(), ScriptedInference(
+        {"t-a": "down", "t-b": "ok", "t-backup": "ok"}), Ledger()
+    gw = Gateway(registry=_registry(replicated, BACKUP), cache=cache, ratelimit=limiter, inference=inference,
+                 usage=ledger, default_max_output_tokens=100, side_call_timeout_s=0.5)
+    _, s = await _run(gw, _cmd(fallback_models=("backup",)))
+    assert s.model == "primary" and inference.calls == ["t-a", "t-b"]
 
 
 async def test_auto_picks_the_cheap_tier() -> None:
