@@ -229,3 +229,5 @@ class VllmEngine:
             await self._engine.abort(engine_id)
         # A longer grace than vLLM's default lets the engine core exit cleanly instead of being killed.
         await asyncio.to_thread(self._engine.shutdown, 15)
+        # Drop it now: AsyncLLM.__del__ shuts down again, which fails noisily at interpreter exit.
+        self._engine = None

@@ -31,8 +31,7 @@ from libs.launcher import LauncherSettings, free_port
 
 MODEL = "bench-small"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
-MARK_BEGIN = "<!-- bench:gateway-grpc:begin -->"
-MARK_END = "<!-- bench:gateway-grpc:end -->"
+MARK = "bench:gateway-grpc"
 
 
 def _messages(text: str) -> list[common_pb2.ChatMessage]:
@@ -108,12 +107,14 @@ async def _bench(router: str, inference: str, admin_key: str, concurrencies: lis
     return rows
 
 
-def _write(section: str) -> None:
+def write_section(mark: str, section: str) -> None:
+    """Replace (or append) the block between ``<!-- {mark}:begin/end -->`` markers in docs/benchmarks.md."""
+    begin, end = f"<!-- {mark}:begin -->", f"<!-- {mark}:end -->"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{MARK_BEGIN}\n{section}\n{MARK_END}"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
@@ -151,7 +152,7 @@ def main() -> None:
     ])
     print(section)
     if args.write:
-        _write(section)
+        write_section(MARK, section)
     sys.exit(0)
 
 
