@@ -17,9 +17,9 @@ import httpx
 
 from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationParams, Role, TokenUsage
 from libs.deadlines import Deadline
-from libs.tokens import estimate_tokens
-from services.inference.engine import USAGE_ESTIMATED, ServedModel, estimate_input_tokens
+from services.inference.engine import ServedModel
 from services.inference.http_engine import HttpEngineBase, as_int, malformed, parse_json, stream_error
+from services.inference.tokenizer import TokenCounter
 
 MESSAGES_PATH = "/v1/messages"
 
@@ -68,14 +68,15 @@ class AnthropicHttpEngine(HttpEngineBase):
                  anthropic_version: str = "2023-06-01", default_max_output_tokens: int = 1024,
                  connect_timeout_s: float = 5.0, stream_idle_timeout_s: float = 60.0,
                  deadline_margin_s: float = 0.02, max_connections: int = 100,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, counter: TokenCounter | None = None):
         headers = {"accept": "text/event-stream", "anthropic-version": anthropic_version}
         if api_key:
             headers["x-api-key"] = api_key
         self._default_max_tokens = default_max_output_tokens
         super().__init__(provider=provider, base_url=base_url, models=models, headers=headers,
                          connect_timeout_s=connect_timeout_s, stream_idle_timeout_s=stream_idle_timeout_s,
-                         deadline_margin_s=deadline_margin_s, max_connections=max_connections, transport=transport)
+                         deadline_margin_s=deadline_margin_s, max_connections=max_connections, transport=transport,
+                         counter=counter)
 
     async def generate(self, request_id: str, model: str, messages: Sequence[ChatMessage], params: GenerationParams,
                        deadline: Deadline) -> AsyncIterator[GenerationChunk]:
@@ -140,9 +141,7 @@ class AnthropicHttpEngine(HttpEngineBase):
                 usage_out = TokenUsage(input_tokens=input_tokens + cache_read + cache_write,
                                        output_tokens=output_tokens, cached_input_tokens=cache_read)
             else:
-                usage_out = TokenUsage(input_tokens=estimate_input_tokens(messages),
-                                       output_tokens=estimate_tokens("".join(output)))
-                extra[USAGE_ESTIMATED] = "true"
+                usage_out, extra = self.counted_usage(messages, "".join(output))
             yield GenerationChunk(usage=usage_out, finish_reason=finish or FinishReason.STOP,
                                   model=reported_model or served.upstream_name, provider=self.provider, extra=extra)
         finally:

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from libs.chat import ChatMessage
+from libs.chat import ChatMessage, TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import (
     DeadlineExceeded,
@@ -38,8 +38,9 @@ from libs.errors import (
     TollgateError,
     Unavailable,
 )
-from services.inference.engine import EngineLoad, ServedModel, estimate_input_tokens
+from services.inference.engine import USAGE_ESTIMATED, EngineLoad, ServedModel
 from services.inference.sse import SSEDecoder, SSEEvent, SSEProtocolError
+from services.inference.tokenizer import EstimatingCounter, TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,10 @@ class HttpEngineBase:
         deadline_margin_s: float = 0.02,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        counter: TokenCounter | None = None,
     ):
         self.provider = provider
+        self._counter: TokenCounter = counter or EstimatingCounter()
         self._models = {m.name: m for m in models}
         self._connect_timeout_s = connect_timeout_s
         self._idle_timeout_s = stream_idle_timeout_s
@@ -167,7 +170,12 @@ class HttpEngineBase:
 
     async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
         self._resolve(model)
-        return estimate_input_tokens(messages)
+        return self._counter.prompt_tokens(messages)
+
+    def counted_usage(self, messages: Sequence[ChatMessage], output: str) -> tuple[TokenUsage, dict[str, str]]:
+        """Usage for a stream that reported none: the tokenizer's count, or an estimate marked as such."""
+        usage = TokenUsage(self._counter.prompt_tokens(messages), self._counter.text_tokens(output))
+        return usage, ({} if self._counter.exact else {USAGE_ESTIMATED: "true"})
 
     async def aclose(self) -> None:
         await self._client.aclose()

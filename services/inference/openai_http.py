@@ -17,9 +17,9 @@ import httpx
 
 from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationParams, Role, TokenUsage
 from libs.deadlines import Deadline
-from libs.tokens import estimate_tokens
-from services.inference.engine import USAGE_ESTIMATED, ServedModel, estimate_input_tokens
+from services.inference.engine import ServedModel
 from services.inference.http_engine import HttpEngineBase, as_int, malformed, parse_json, stream_error
+from services.inference.tokenizer import TokenCounter
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 
@@ -65,13 +65,14 @@ class OpenAIHttpEngine(HttpEngineBase):
     def __init__(self, *, base_url: str, api_key: str, models: Sequence[ServedModel], provider: str = "openai",
                  connect_timeout_s: float = 5.0, stream_idle_timeout_s: float = 60.0,
                  deadline_margin_s: float = 0.02, max_connections: int = 100,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, counter: TokenCounter | None = None):
         headers = {"accept": "text/event-stream"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         super().__init__(provider=provider, base_url=base_url, models=models, headers=headers,
                          connect_timeout_s=connect_timeout_s, stream_idle_timeout_s=stream_idle_timeout_s,
-                         deadline_margin_s=deadline_margin_s, max_connections=max_connections, transport=transport)
+                         deadline_margin_s=deadline_margin_s, max_connections=max_connections, transport=transport,
+                         counter=counter)
 
     async def generate(self, request_id: str, model: str, messages: Sequence[ChatMessage], params: GenerationParams,
                        deadline: Deadline) -> AsyncIterator[GenerationChunk]:
@@ -114,9 +115,7 @@ class OpenAIHttpEngine(HttpEngineBase):
                 raise malformed("stream ended before the generation finished")
             extra: dict[str, str] = {}
             if usage is None:
-                usage = TokenUsage(input_tokens=estimate_input_tokens(messages),
-                                   output_tokens=estimate_tokens("".join(output)))
-                extra[USAGE_ESTIMATED] = "true"
+                usage, extra = self.counted_usage(messages, "".join(output))
             yield GenerationChunk(usage=usage, finish_reason=finish or FinishReason.STOP,
                                   model=reported_model or served.upstream_name, provider=self.provider, extra=extra)
         finally:

@@ -16,6 +16,7 @@ from services.inference.engine import Engine, ServedModel
 from services.inference.openai_http import OpenAIHttpEngine
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
+from services.inference.tokenizer import counter_for
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,21 @@ def make_engine(settings: InferenceSettings) -> Engine:
     models = served_models(settings)
     # Every admitted generation gets a pooled connection without queueing for one.
     pool = settings.max_concurrency
+    counter = counter_for(settings.tokenizer_path)
     if settings.engine == "openai":
         return OpenAIHttpEngine(base_url=settings.base_url, api_key=api_key, models=models,
                                 provider=settings.provider, connect_timeout_s=settings.connect_timeout_s,
                                 stream_idle_timeout_s=settings.stream_idle_timeout_s,
-                                deadline_margin_s=settings.deadline_margin_s, max_connections=pool)
+                                deadline_margin_s=settings.deadline_margin_s, max_connections=pool,
+                                counter=counter)
     if settings.engine == "anthropic":
         return AnthropicHttpEngine(base_url=settings.base_url, api_key=api_key, models=models,
                                    provider=settings.provider, anthropic_version=settings.anthropic_version,
                                    default_max_output_tokens=settings.default_max_output_tokens,
                                    connect_timeout_s=settings.connect_timeout_s,
                                    stream_idle_timeout_s=settings.stream_idle_timeout_s,
-                                   deadline_margin_s=settings.deadline_margin_s, max_connections=pool)
+                                   deadline_margin_s=settings.deadline_margin_s, max_connections=pool,
+                                counter=counter)
     return start_vllm(settings)
 
 

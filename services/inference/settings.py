@@ -64,6 +64,10 @@ class InferenceSettings(ServiceSettings):
     stream_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     deadline_margin_s: float = Field(0.02, ge=0, le=5)
 
+    # HTTP engines: a local Hugging Face tokenizer folder to count with when a provider omits usage
+    # (empty: estimate, and mark the usage as estimated).
+    tokenizer_path: str = ""
+
     # vLLM in-process (engine "vllm"). The first served model name is the public name of the model at
     # vllm_model_path; `make setup` prepares the bundled SmolLM2-135M-Instruct there.
     vllm_model_path: str = ""

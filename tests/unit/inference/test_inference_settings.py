@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from libs.settings import SettingsError, load_settings
@@ -52,6 +54,8 @@ def test_invalid_settings_exit_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("clean_env")
-def test_vllm_is_reserved() -> None:
+def test_vllm_without_a_prepared_model_stops_with_a_message(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SettingsError):
-        make_engine(InferenceSettings(engine="vllm"))
+        make_engine(InferenceSettings(engine="vllm", vllm_model_path=str(tmp_path / "missing")))
+    assert "make setup" in capsys.readouterr().err
