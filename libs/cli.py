@@ -122,5 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="serve the whole mesh on this machine").set_defaults(func=cmd_up)
     sub.add_parser("demo", help="start a private mesh, send scripted requests, stop").set_defaults(func=cmd_demo)
+    from libs.cli_admin import register as register_admin_commands
+
+    register_admin_commands(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

@@ -18,6 +18,8 @@ from services.cache.domain import (
     Counter,
     InvalidationScope,
     LookupOptions,
+    Namespace,
+    NamespaceStats,
     NewEntry,
     TierHealth,
     TierKind,
@@ -46,14 +48,18 @@ class CacheTier(Protocol):
 
 
 class StatsStore(Protocol):
-    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int]) -> None: ...
+    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int], namespace: Namespace | None = None) -> None:
+        ...
 
     async def read_stats(self, tenant_id: str) -> dict[str, int]:
         """Counters of one tenant, or summed over all tenants for ""."""
         ...
 
+    async def read_namespace_stats(self, tenant_id: str) -> list[tuple[Namespace, dict[str, int]]]: ...
+
 
 _HIT_COUNTER = {TierKind.EXACT: Counter.EXACT_HITS, TierKind.SEMANTIC: Counter.SEMANTIC_HITS}
+_MISS_COUNTER = {TierKind.EXACT: Counter.EXACT_MISSES, TierKind.SEMANTIC: Counter.SEMANTIC_MISSES}
 
 
 class ResponseCache:
@@ -64,7 +70,8 @@ class ResponseCache:
     """
 
     def __init__(self, tiers: Sequence[CacheTier], stats: StatsStore, *, default_ttl_s: int, max_ttl_s: int,
-                 max_entry_bytes: int, clock: Callable[[], float] = time.time):
+                 max_entry_bytes: int, clock: Callable[[], float] = time.time,
+                 ttl_for: Callable[[Namespace], int | None] = lambda _ns: None):
         if not tiers:
             raise ValueError("at least one cache tier is required")
         self._tiers = list(tiers)
@@ -73,31 +80,47 @@ class ResponseCache:
         self._max_ttl_s = max_ttl_s
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
+        self._ttl_for = ttl_for
+        self._background: set[asyncio.Task[None]] = set()
 
     async def lookup(self, key: CacheKey, options: LookupOptions = LookupOptions(),
                      deadline: Deadline | None = None) -> CacheHit | None:
         now = self._clock()
-        for tier in self._tiers:
-            if options.exact_only and tier.kind is not TierKind.EXACT:
-                continue
-            hit = await _bounded(_budget(deadline), tier.lookup(key, options, now))
-            if hit is not None:
-                await self._count(key.namespace.tenant_id, _HIT_COUNTER[hit.tier])
-                return hit
-        await self._count(key.namespace.tenant_id, Counter.MISSES)
-        return None
+        counts: dict[str, int] = {}
+        try:
+            for tier in self._tiers:
+                if options.exact_only and tier.kind is not TierKind.EXACT:
+                    continue
+                hit = await _bounded(_budget(deadline), tier.lookup(key, options, now))
+                if hit is not None:
+                    counts[_HIT_COUNTER[hit.tier]] = 1
+                    if options.price is not None:
+                        counts[Counter.SAVED_NANO_USD] = options.price.cost(hit.usage)
+                    return hit
+                counts[_MISS_COUNTER[tier.kind]] = 1
+            counts[Counter.MISSES] = 1
+            return None
+        finally:
+            if counts:
+                await self._count(key.namespace, counts)
 
     async def store(self, key: CacheKey, content: str, usage: TokenUsage, ttl_s: int = 0,
                     deadline: Deadline | None = None) -> str | None:
         """Store in every tier; the first tier's entry id, or None when the response is not worth storing."""
         if not content.strip() or len(content.encode()) > self._max_entry_bytes:
             return None
-        ttl = min(ttl_s or self._default_ttl_s, self._max_ttl_s)
+        ttl = min(ttl_s or self._ttl_for(key.namespace) or self._default_ttl_s, self._max_ttl_s)
         entry = NewEntry(content=content, usage=usage, ttl_s=ttl)
         now = self._clock()
         ids = [await _bounded(_budget(deadline), tier.store(key, entry, now)) for tier in self._tiers]
-        await self._count(key.namespace.tenant_id, Counter.STORES)
+        await self._count(key.namespace, {Counter.STORES: 1})
         return ids[0]
+
+    def count_rejection(self, key: CacheKey, reason: str) -> None:
+        """Called by the semantic tier for each candidate its verifier refuses (in the background)."""
+        task = asyncio.create_task(self._count(key.namespace, {Counter.SEMANTIC_REJECTIONS: 1}))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def invalidate(self, scope: InvalidationScope, deadline: Deadline | None = None) -> int:
         removed = 0
@@ -105,22 +128,27 @@ class ResponseCache:
             removed += await _bounded(_budget(deadline), tier.invalidate(scope))
         return removed
 
-    async def stats(self, tenant_id: str = "", deadline: Deadline | None = None) -> CacheStats:
+    async def stats(self, tenant_id: str = "", deadline: Deadline | None = None, *,
+                    per_namespace: bool = False) -> CacheStats:
         counts = await _bounded(_budget(deadline), self._stats.read_stats(tenant_id))
+        namespaces: tuple[NamespaceStats, ...] = ()
+        if per_namespace and tenant_id:
+            rows = await _bounded(_budget(deadline), self._stats.read_namespace_stats(tenant_id))
+            namespaces = tuple(NamespaceStats(ns, c) for ns, c in rows)
         unhealthy = [h for h in (t.health() for t in self._tiers) if h.degraded]
-        return CacheStats(
-            exact_hits=counts.get(Counter.EXACT_HITS, 0),
-            semantic_hits=counts.get(Counter.SEMANTIC_HITS, 0),
-            misses=counts.get(Counter.MISSES, 0),
-            stores=counts.get(Counter.STORES, 0),
-            degraded=bool(unhealthy),
-            degraded_detail="; ".join(h.detail for h in unhealthy),
-        )
+        return CacheStats.from_counts(counts, degraded=bool(unhealthy),
+                                      degraded_detail="; ".join(h.detail for h in unhealthy), namespaces=namespaces)
 
-    async def _count(self, tenant_id: str, counter: Counter) -> None:
+    def health(self) -> list[TierHealth]:
+        return [t.health() for t in self._tiers]
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _count(self, namespace: Namespace, counts: Mapping[str, int]) -> None:
         # Counters are best effort: they must never turn a served answer into an error.
         try:
-            await self._stats.incr_stats(tenant_id, {counter.value: 1})
+            await self._stats.incr_stats(namespace.tenant_id, {str(k): v for k, v in counts.items()}, namespace)
         except Exception as exc:
             log.warning("cache stats update failed: %s", type(exc).__name__)
 

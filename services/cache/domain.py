@@ -20,6 +20,13 @@ class Counter(StrEnum):
     SEMANTIC_HITS = "semantic_hits"
     MISSES = "misses"
     STORES = "stores"
+    # Per tier: lookups a tier was asked and could not answer.
+    EXACT_MISSES = "exact_misses"
+    SEMANTIC_MISSES = "semantic_misses"
+    # Near-duplicates the verifier refused (each is a wrong answer the naive cosine cache would have served).
+    SEMANTIC_REJECTIONS = "semantic_rejections"
+    # Dollars saved by hits, at the price the router passed with each lookup (nano-USD).
+    SAVED_NANO_USD = "saved_nano_usd"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,27 @@ class LookupOptions:
     max_age_s: float = 0.0
     # Accept entries that are past their TTL (or older than max_age_s) but still retained.
     allow_stale: bool = False
+    # Verifier operating point for this request; None: the namespace's (or the model's default).
+    semantic_threshold: float | None = None
+    # What a generation costs in this namespace, for the "saved" statistics (None: not counted).
+    price: TokenPrice | None = None
+
+
+@dataclass(frozen=True)
+class TokenPrice:
+    """Nano-USD per million tokens (the router's price units)."""
+
+    input_per_mtok: int = 0
+    output_per_mtok: int = 0
+    cached_input_per_mtok: int = 0
+
+    def cost(self, usage: TokenUsage) -> int:
+        """What the cached generation would cost again; the router's formula (cached input at its rate, once)."""
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        fresh = usage.input_tokens - cached
+        total = (fresh * self.input_per_mtok + cached * self.cached_input_per_mtok
+                 + usage.output_tokens * self.output_per_mtok)
+        return (total + 500_000) // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -99,6 +127,21 @@ class CacheStats:
     stores: int = 0
     degraded: bool = False
     degraded_detail: str = ""
+    exact_misses: int = 0
+    semantic_misses: int = 0
+    semantic_rejections: int = 0
+    saved_nano_usd: int = 0
+    namespaces: tuple[NamespaceStats, ...] = ()
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], **kw: object) -> CacheStats:
+        return cls(**{c.value: counts.get(c.value, 0) for c in Counter}, **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class NamespaceStats:
+    namespace: Namespace
+    counts: dict[str, int]
 
 
 def staleness(stored_at: float, expires_at: float, now: float, options: LookupOptions) -> bool | None:

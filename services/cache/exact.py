@@ -7,6 +7,8 @@ Redis key layout (``P`` = the mesh's key prefix, ``T`` = the percent-encoded ten
     P cache:{T}:nsreg            zset of the tenant's namespaces: JSON [model_class, prompt_version]
     P cache:{T}:claims           set of index zsets taken by an invalidation still being applied
     P cache:{T}:stats            hash of counters (exact_hits, misses, stores, ...)
+    P cache:{T}:nss:<ns id>      the same counters for one namespace (all four fields)
+    P cache:{T}:nssreg           hash: namespace id -> JSON [model_class, system_prompt_hash, prompt_version]
     P cache:stats                the same counters summed over tenants
 
 Invalidation walks the index instead of SCANning: SCAN cost grows with the whole
@@ -103,9 +105,13 @@ class ExactStore(Protocol):
         """Remove the scope's entries; returns how many existed."""
         ...
 
-    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int]) -> None: ...
+    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int], namespace: Namespace | None = None) -> None:
+        """Add to the tenant's (and the all-tenant) counters, and to the namespace's when given."""
+        ...
 
     async def read_stats(self, tenant_id: str) -> dict[str, int]: ...
+
+    async def read_namespace_stats(self, tenant_id: str) -> list[tuple[Namespace, dict[str, int]]]: ...
 
     async def ping(self) -> None:
         """Raise one of BACKEND_DOWN when the backend cannot be reached."""
@@ -121,6 +127,10 @@ def _text(value: object) -> str:
     if isinstance(value, str):
         return value
     raise ValueError(f"unexpected redis reply type {type(value).__name__}")
+
+
+def namespace_stats_id(ns: Namespace) -> str:
+    return stable_hash("nsstats", ns.model_class, ns.system_prompt_hash, ns.prompt_version)[:16]
 
 
 def _ns_member(model_class: str, prompt_version: str) -> str:
@@ -189,6 +199,12 @@ class RedisExactStore:
     def _stats_key(self, tenant_id: str) -> str:
         return f"{self._tenant_base(tenant_id)}:stats" if tenant_id else f"{self._prefix}cache:stats"
 
+    def _ns_stats_key(self, tenant_id: str, ns_id: str) -> str:
+        return f"{self._tenant_base(tenant_id)}:nss:{ns_id}"
+
+    def _ns_stats_registry(self, tenant_id: str) -> str:
+        return f"{self._tenant_base(tenant_id)}:nssreg"
+
     # --- ExactStore ---
     async def get(self, tenant_id: str, key_hash: str) -> ExactRecord | None:
         raw = await self._r.get(self.entry_key(tenant_id, key_hash))
@@ -238,14 +254,34 @@ class RedisExactStore:
             await self._r.srem(self._claims_key(t), name)
         return removed
 
-    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int]) -> None:
+    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int], namespace: Namespace | None = None) -> None:
         if not counts:
             return
         pipe = self._r.pipeline(transaction=False)
-        for key in (self._stats_key(tenant_id), self._stats_key("")):
+        keys = [self._stats_key(tenant_id), self._stats_key("")]
+        if namespace is not None:
+            ns_id = namespace_stats_id(namespace)
+            keys.append(self._ns_stats_key(tenant_id, ns_id))
+            pipe.hsetnx(self._ns_stats_registry(tenant_id), ns_id, json.dumps(
+                [namespace.model_class, namespace.system_prompt_hash, namespace.prompt_version],
+                ensure_ascii=False, separators=(",", ":")))
+        for key in keys:
             for name, n in counts.items():
                 pipe.hincrby(key, name, n)
         await pipe.execute()
+
+    async def read_namespace_stats(self, tenant_id: str) -> list[tuple[Namespace, dict[str, int]]]:
+        registry = await self._r.hgetall(self._ns_stats_registry(tenant_id))
+        out = []
+        for ns_id, raw in sorted(registry.items()):
+            try:
+                model_class, sp_hash, prompt_version = json.loads(_text(raw))
+            except (TypeError, ValueError):
+                continue
+            counts = await self._r.hgetall(self._ns_stats_key(tenant_id, _text(ns_id)))
+            out.append((Namespace(tenant_id, str(model_class), str(sp_hash), str(prompt_version)),
+                        {_text(k): int(v) for k, v in counts.items()}))
+        return out
 
     async def read_stats(self, tenant_id: str) -> dict[str, int]:
         raw = await self._r.hgetall(self._stats_key(tenant_id))

@@ -59,6 +59,7 @@ class LocalLruStore:
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], _LocalEntry] = OrderedDict()
         self._stats: defaultdict[str, dict[str, int]] = defaultdict(dict)
+        self._ns_stats: defaultdict[Namespace, dict[str, int]] = defaultdict(dict)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -95,17 +96,20 @@ class LocalLruStore:
                 removed += 1
         return removed
 
-    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int]) -> None:
+    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int], namespace: Namespace | None = None) -> None:
         self.add_stats(tenant_id, counts)
+        if namespace is not None:
+            _add(self._ns_stats[namespace], counts)
 
     def add_stats(self, tenant_id: str, counts: Mapping[str, int]) -> None:
         for scope in (tenant_id, ""):
-            bucket = self._stats[scope]
-            for name, n in counts.items():
-                bucket[name] = bucket.get(name, 0) + n
+            _add(self._stats[scope], counts)
 
     async def read_stats(self, tenant_id: str) -> dict[str, int]:
         return dict(self._stats.get(tenant_id, {}))
+
+    async def read_namespace_stats(self, tenant_id: str) -> list[tuple[Namespace, dict[str, int]]]:
+        return [(ns, dict(c)) for ns, c in self._ns_stats.items() if ns.tenant_id == tenant_id]
 
     async def ping(self) -> None:
         return None
@@ -128,6 +132,16 @@ class LocalLruStore:
         drained = {t: c for t, c in self._stats.items() if t and c}
         self._stats.clear()
         return drained
+
+    def drain_namespace_stats(self) -> dict[Namespace, dict[str, int]]:
+        drained = {ns: c for ns, c in self._ns_stats.items() if c}
+        self._ns_stats.clear()
+        return drained
+
+
+def _add(bucket: dict[str, int], counts: Mapping[str, int]) -> None:
+    for name, n in counts.items():
+        bucket[name] = bucket.get(name, 0) + n
 
 
 class FallbackStore:
@@ -194,11 +208,14 @@ class FallbackStore:
         self._maybe_probe()
         return await self._fallback.invalidate(scope)
 
-    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int]) -> None:
-        await self._run(lambda s: s.incr_stats(tenant_id, counts))
+    async def incr_stats(self, tenant_id: str, counts: Mapping[str, int], namespace: Namespace | None = None) -> None:
+        await self._run(lambda s: s.incr_stats(tenant_id, counts, namespace))
 
     async def read_stats(self, tenant_id: str) -> dict[str, int]:
         return await self._run(lambda s: s.read_stats(tenant_id))
+
+    async def read_namespace_stats(self, tenant_id: str) -> list[tuple[Namespace, dict[str, int]]]:
+        return await self._run(lambda s: s.read_namespace_stats(tenant_id))
 
     async def ping(self) -> None:
         return None
@@ -293,6 +310,9 @@ class FallbackStore:
                     for model_class, prompt_version in scopes:
                         self._remember(InvalidationScope(tenant_id, model_class, prompt_version))
                 continue
+            # The outage's per-namespace breakdown is dropped (its tenant totals are replayed below):
+            # replaying both would count the tenant totals twice.
+            self._fallback.drain_namespace_stats()
             drained = self._fallback.drain_stats()
             if not drained:
                 return

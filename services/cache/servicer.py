@@ -18,7 +18,16 @@ from libs.chat import (
 from libs.deadlines import Deadline
 from libs.errors import Violations
 from services.cache.cache import ResponseCache
-from services.cache.domain import CacheHit, CacheKey, InvalidationScope, LookupOptions, Namespace, TierKind
+from services.cache.domain import (
+    CacheHit,
+    CacheKey,
+    InvalidationScope,
+    LookupOptions,
+    Namespace,
+    NamespaceStats,
+    TierKind,
+    TokenPrice,
+)
 from services.cache.settings import CacheSettings
 
 _TIER_TO_PROTO = {TierKind.EXACT: common_pb2.CACHE_TIER_EXACT, TierKind.SEMANTIC: common_pb2.CACHE_TIER_SEMANTIC}
@@ -33,9 +42,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                      context: grpc.aio.ServicerContext) -> cache_pb2.LookupResponse:
         v = Violations()
         self._check_key(request.key, v)
+        v.check(0.0 <= request.semantic_threshold < 1.0, "semantic_threshold", "must be in [0, 1) (0: the default)")
+        pr = request.price
+        v.check(min(pr.input_nano_usd_per_mtok, pr.output_nano_usd_per_mtok, pr.cached_input_nano_usd_per_mtok) >= 0,
+                "price", "prices must not be negative")
         v.raise_if_any()
+        price = TokenPrice(pr.input_nano_usd_per_mtok, pr.output_nano_usd_per_mtok,
+                           pr.cached_input_nano_usd_per_mtok) if request.HasField("price") else None
         options = LookupOptions(exact_only=request.exact_only, max_age_s=float(request.max_age_seconds),
-                                allow_stale=request.allow_stale)
+                                allow_stale=request.allow_stale, semantic_threshold=request.semantic_threshold or None,
+                                price=price)
         hit = await self._cache.lookup(_key_from_proto(request.key), options, self._deadline(context))
         if hit is None:
             return cache_pb2.LookupResponse(tier=common_pb2.CACHE_TIER_MISS)
@@ -72,10 +88,15 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         v = Violations()
         # Empty tenant_id: the counters summed over every tenant.
         self._check_id(request.tenant_id, "tenant_id", v, strict=True)
+        v.check(not request.per_namespace or bool(request.tenant_id), "per_namespace", "needs tenant_id")
         v.raise_if_any()
-        s = await self._cache.stats(request.tenant_id, self._deadline(context))
-        return cache_pb2.GetStatsResponse(exact_hits=s.exact_hits, semantic_hits=s.semantic_hits, misses=s.misses,
-                                          stores=s.stores, degraded=s.degraded, degraded_detail=s.degraded_detail)
+        s = await self._cache.stats(request.tenant_id, self._deadline(context), per_namespace=request.per_namespace)
+        return cache_pb2.GetStatsResponse(
+            exact_hits=s.exact_hits, semantic_hits=s.semantic_hits, misses=s.misses, stores=s.stores,
+            degraded=s.degraded, degraded_detail=s.degraded_detail, exact_misses=s.exact_misses,
+            semantic_misses=s.semantic_misses, semantic_rejections=s.semantic_rejections,
+            saved_nano_usd=s.saved_nano_usd,
+            namespaces=[_namespace_stats_to_proto(n) for n in s.namespaces])
 
     # --- helpers ---
     def _deadline(self, context: grpc.aio.ServicerContext, timeout_s: float | None = None) -> Deadline:
@@ -113,6 +134,17 @@ def _key_from_proto(key: cache_pb2.CacheKeyInput) -> CacheKey:
         messages=tuple(messages_from_proto(key.messages)),
         params=params_from_proto(key.params),
     )
+
+
+def _namespace_stats_to_proto(n: NamespaceStats) -> cache_pb2.NamespaceStats:
+    ns, c = n.namespace, n.counts
+    return cache_pb2.NamespaceStats(
+        namespace=cache_pb2.CacheNamespace(tenant_id=ns.tenant_id, model_class=ns.model_class,
+                                           system_prompt_hash=ns.system_prompt_hash, prompt_version=ns.prompt_version),
+        **{f: c.get(f, 0) for f in _NS_COUNTERS})
+
+
+_NS_COUNTERS = tuple(f.name for f in cache_pb2.NamespaceStats.DESCRIPTOR.fields if f.name != "namespace")
 
 
 def _hit_to_proto(hit: CacheHit) -> cache_pb2.LookupResponse:

@@ -7,7 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from libs.errors import QuotaExceeded, QuotaViolation
-from services.ratelimit.limits import Kind, Level, Scope
+from services.ratelimit.budgets import BUDGET_EXHAUSTED, BudgetFailure, describe_failure
+from services.ratelimit.limits import Kind, Level, Period, Scope
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Bucket:
         return self.kind.period_s * 1000
 
     def redis_key(self, prefix: str) -> str:
-        return f"{prefix}rl:b:{self.level.scope.value}:{self.level.scope_id}:{self.kind.short}"
+        return f"{prefix}rl:tb:{self.level.scope.value}:{self.level.scope_id}:{self.kind.short}"
 
     @property
     def identity(self) -> tuple[Scope, str, Kind]:
@@ -45,17 +46,28 @@ class Reservation:
     expires_at: float
     # Admitted by the local fallback because Redis was unavailable.
     degraded: bool = False
+    # Some budget is at or above PREFER_CHEAPER_PCT once this reservation is counted.
+    prefer_cheaper: bool = False
+    # A retried reserve (same request id) answered with the reservation it made before.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
 class UsageRow:
     scope: Scope
     scope_id: str
-    kind: Kind
+    # A token/request limit (Kind) or a budget (Period, amounts in nano-USD).
+    kind: Kind | Period
     limit: int
-    # Can exceed `limit` when commits charged more than was reserved.
+    # Can exceed `limit` when commits charged more than was reserved. For budgets: committed
+    # spend plus what outstanding reservations hold in the current window.
     used: int
     remaining: int
+    # Budgets only: the part of `used` held by outstanding reservations (used - reserved is the
+    # committed spend, which is what the usage ledger reconciles with), and the window's bounds.
+    reserved: int = 0
+    window_start: float | None = None
+    resets_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,17 @@ def usage_row(bucket: Bucket, tokens: float, limit: int | None = None) -> UsageR
 
 
 def quota_exceeded(buckets: Sequence[Bucket], failed: Sequence[int], retry_after_s: float,
-                   estimated_tokens: int) -> QuotaExceeded:
-    """The error for a rejected reserve; ``failed`` are indexes into ``buckets``."""
+                   estimated_tokens: int, budget_failures: Sequence[BudgetFailure] = (),
+                   estimated_cost: int = 0, *, local: bool = False) -> QuotaExceeded:
+    """The error for a rejected reserve; ``failed`` are indexes into ``buckets``.
+
+    One QuotaFailure violation per refusing limit or budget, its subject the level
+    (``team:t1``), its description the kind or budget. When a budget refused, ErrorInfo's reason
+    is BUDGET_EXHAUSTED (retrying before the window resets will not help; a cache hit still can),
+    and RetryInfo is the time until the last refusing window resets.
+    """
     violations: list[QuotaViolation] = []
+    parts: list[str] = []
     for i in failed:
         b = buckets[i]
         cost = b.cost(estimated_tokens)
@@ -83,12 +103,23 @@ def quota_exceeded(buckets: Sequence[Bucket], failed: Sequence[int], retry_after
         else:
             description = f"{b.kind.value} limit {b.limit} exceeded"
         violations.append(QuotaViolation(subject=b.level.subject, description=description))
-    names = ", ".join(f"{v.subject} {buckets[i].kind.value}" for i, v in zip(failed, violations, strict=True))
-    error = QuotaExceeded(f"rate limit exceeded: {names}", violations, retry_after_s=_ceil_ms(retry_after_s))
-    error.metadata = {"levels": ",".join(v.subject for v in violations)}
+    if failed:
+        parts.append("rate limit exceeded: " + ", ".join(f"{buckets[i].level.subject} {buckets[i].kind.value}"
+                                                         for i in failed))
+    for f in budget_failures:
+        violations.append(QuotaViolation(subject=f.line.level.subject,
+                                         description=describe_failure(f, estimated_cost, local=local)))
+    if budget_failures:
+        parts.append("budget exhausted: " + ", ".join(f.line.name for f in budget_failures))
+    error = QuotaExceeded("; ".join(parts), violations, retry_after_s=_ceil_ms(retry_after_s))
+    error.metadata = {"levels": ",".join(dict.fromkeys(v.subject for v in violations))}
+    if budget_failures:
+        error.reason = BUDGET_EXHAUSTED
+        error.metadata["budgets"] = ",".join(f.line.name for f in budget_failures)
     return error
 
 
 def _ceil_ms(seconds: float) -> float:
     """Millisecond resolution, never zero: a client told to retry "now" would only spin."""
-    return max(0.001, math.ceil(seconds * 1000) / 1000)
+    # round() first: 0.291 * 1000 is 291.00000000000006 in binary, which must not become 292 ms.
+    return max(0.001, math.ceil(round(seconds * 1000, 6)) / 1000)

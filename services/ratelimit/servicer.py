@@ -10,8 +10,9 @@ from tollgate.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from libs.deadlines import Deadline
 from libs.errors import Violations
 from services.ratelimit.buckets import UsageRow
+from services.ratelimit.budgets import MAX_NANO_USD
 from services.ratelimit.limiter import Limiter
-from services.ratelimit.limits import Kind, Scope, Subject, normalize_ip
+from services.ratelimit.limits import Kind, Period, Scope, Subject, normalize_ip
 
 # Ids become Redis key segments and log fields: keep them bounded.
 MAX_ID_LEN = 256
@@ -24,11 +25,15 @@ _SCOPES = {
     Scope.KEY: common_pb2.LIMIT_SCOPE_KEY,
     Scope.CLIENT_IP: common_pb2.LIMIT_SCOPE_CLIENT_IP,
 }
-_KINDS = {
+_KINDS: dict[Kind | Period, ratelimit_pb2.LimitKind] = {
     Kind.REQUESTS_PER_MINUTE: ratelimit_pb2.LIMIT_KIND_REQUESTS_PER_MINUTE,
     Kind.TOKENS_PER_MINUTE: ratelimit_pb2.LIMIT_KIND_TOKENS_PER_MINUTE,
     Kind.TOKENS_PER_DAY: ratelimit_pb2.LIMIT_KIND_TOKENS_PER_DAY,
+    Period.DAILY: ratelimit_pb2.LIMIT_KIND_BUDGET_DAILY_NANO_USD,
+    Period.MONTHLY: ratelimit_pb2.LIMIT_KIND_BUDGET_MONTHLY_NANO_USD,
 }
+_BUDGET_SCOPES = {v: k for k, v in _SCOPES.items() if k is not Scope.CLIENT_IP}
+_PERIODS = {v: k for k, v in _KINDS.items() if isinstance(k, Period)}
 
 
 def _check_id(v: Violations, value: str, path: str, *, required: bool, max_len: int = MAX_ID_LEN) -> None:
@@ -62,8 +67,13 @@ def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
 
 
 def _usage_proto(row: UsageRow) -> ratelimit_pb2.LimitUsage:
-    return ratelimit_pb2.LimitUsage(scope=_SCOPES[row.scope], scope_id=row.scope_id, kind=_KINDS[row.kind],
-                                    limit=row.limit, used=row.used, remaining=row.remaining)
+    msg = ratelimit_pb2.LimitUsage(scope=_SCOPES[row.scope], scope_id=row.scope_id, kind=_KINDS[row.kind],
+                                   limit=row.limit, used=row.used, remaining=row.remaining, reserved=row.reserved)
+    if row.window_start is not None:
+        msg.window_start.CopyFrom(_timestamp(row.window_start))
+    if row.resets_at is not None:
+        msg.resets_at.CopyFrom(_timestamp(row.resets_at))
+    return msg
 
 
 class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
@@ -89,21 +99,24 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         v.check(request.estimated_tokens > 0, "estimated_tokens", "must be greater than 0")
         v.check(request.estimated_tokens <= self._max_estimated_tokens, "estimated_tokens",
                 f"must be at most {self._max_estimated_tokens}")
-        v.check(request.estimated_cost_nano_usd >= 0, "estimated_cost_nano_usd", "must not be negative")
+        v.check(0 <= request.estimated_cost_nano_usd <= MAX_NANO_USD, "estimated_cost_nano_usd",
+                f"must be between 0 and {MAX_NANO_USD}")
         _check_id(v, request.request_id, "request_id", required=False)
         ttl_s: float | None = None
         if request.HasField("ttl"):
             ttl_s = request.ttl.ToNanoseconds() / 1e9
             v.check(0 <= ttl_s <= self._max_ttl_s, "ttl", f"must be between 0 and {self._max_ttl_s:g} seconds")
         v.raise_if_any()
-        reservation = await self._limiter.reserve(subject, int(request.estimated_tokens), ttl_s=ttl_s or None,
-                                                  deadline=self._deadline(context))
+        reservation = await self._limiter.reserve(
+            subject, int(request.estimated_tokens), estimated_cost_nano_usd=request.estimated_cost_nano_usd,
+            request_id=request.request_id, ttl_s=ttl_s or None, deadline=self._deadline(context))
         return ratelimit_pb2.ReserveResponse(
             reservation_id=reservation.reservation_id,
             expires_at=_timestamp(reservation.expires_at),
-            # Budgets are not enforced yet, so there is never a reason to prefer the cheaper tier.
-            advice=ratelimit_pb2.BUDGET_ADVICE_NONE,
+            advice=(ratelimit_pb2.BUDGET_ADVICE_PREFER_CHEAPER if reservation.prefer_cheaper
+                    else ratelimit_pb2.BUDGET_ADVICE_NONE),
             degraded=reservation.degraded,
+            replayed=reservation.replayed,
         )
 
     async def Commit(self, request: ratelimit_pb2.CommitRequest,
@@ -112,9 +125,11 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         self._check_reservation_id(v, request.reservation_id)
         v.check(request.actual_tokens <= self._max_estimated_tokens, "actual_tokens",
                 f"must be at most {self._max_estimated_tokens}")
-        v.check(request.actual_cost_nano_usd >= 0, "actual_cost_nano_usd", "must not be negative")
+        v.check(0 <= request.actual_cost_nano_usd <= MAX_NANO_USD, "actual_cost_nano_usd",
+                f"must be between 0 and {MAX_NANO_USD}")
         v.raise_if_any()
         refunded = await self._limiter.commit(request.reservation_id, int(request.actual_tokens),
+                                              actual_cost_nano_usd=request.actual_cost_nano_usd,
                                               deadline=self._deadline(context))
         return ratelimit_pb2.CommitResponse(refunded_tokens=refunded)
 
@@ -133,3 +148,26 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         v.raise_if_any()
         usage = await self._limiter.usage(subject, deadline=self._deadline(context))
         return ratelimit_pb2.GetUsageResponse(usages=[_usage_proto(r) for r in usage.rows], degraded=usage.degraded)
+
+    async def ReconcileSpend(self, request: ratelimit_pb2.ReconcileSpendRequest,
+                             context: grpc.aio.ServicerContext) -> ratelimit_pb2.ReconcileSpendResponse:
+        v = Violations()
+        scope = _BUDGET_SCOPES.get(request.scope)
+        v.check(scope is not None, "scope", "must be LIMIT_SCOPE_GLOBAL, _ORG, _TEAM or _KEY")
+        _check_id(v, request.scope_id, "scope_id", required=scope in (Scope.ORG, Scope.TEAM, Scope.KEY))
+        period = _PERIODS.get(request.kind)
+        v.check(period is not None, "kind", "must be LIMIT_KIND_BUDGET_DAILY_NANO_USD or _MONTHLY_NANO_USD")
+        v.check(request.HasField("window_time") and request.window_time.seconds >= 0, "window_time",
+                "is required (any instant inside the window, after 1970)")
+        v.check(0 <= request.ledger_spent_nano_usd <= MAX_NANO_USD, "ledger_spent_nano_usd",
+                f"must be between 0 and {MAX_NANO_USD}")
+        v.raise_if_any()
+        assert scope is not None and period is not None
+        result = await self._limiter.reconcile_spend(
+            scope, request.scope_id if scope is not Scope.GLOBAL else "", period,
+            request.window_time.ToNanoseconds() / 1e9, request.ledger_spent_nano_usd,
+            deadline=self._deadline(context))
+        return ratelimit_pb2.ReconcileSpendResponse(
+            window_start=_timestamp(result.window_start), resets_at=_timestamp(result.resets_at),
+            previous_spent_nano_usd=result.previous_spent, spent_nano_usd=result.spent,
+            reserved_nano_usd=result.reserved)

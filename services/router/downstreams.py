@@ -11,6 +11,7 @@ from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
 from tollgate.common.v1 import common_pb2
 from tollgate.inference.v1 import inference_pb2, inference_pb2_grpc
 from tollgate.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+from tollgate.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from libs.breaker import Breaker
 from libs.chat import (
@@ -28,7 +29,9 @@ from libs.chat import (
 )
 from libs.clients import Downstream
 from libs.deadlines import Deadline
+from libs.rag_context import ContextChunk
 from services.router.gateway import CachedAnswer, CacheNamespace, Reservation
+from services.router.pricing import Price
 
 _TIERS = {common_pb2.CACHE_TIER_EXACT: "exact", common_pb2.CACHE_TIER_SEMANTIC: "semantic"}
 
@@ -48,11 +51,16 @@ class GrpcCacheClient:
         self._stub = cache_pb2_grpc.CacheServiceStub(downstream.channel)
 
     async def lookup(self, ns: CacheNamespace, model: str, messages: list[ChatMessage], params: GenerationParams,
-                     *, max_age_s: int, allow_stale: bool, exact_only: bool,
-                     deadline: Deadline) -> CachedAnswer | None:
-        resp = await self._ds.unary(self._stub.Lookup, cache_pb2.LookupRequest(
-            key=_cache_key(ns, model, messages, params), exact_only=exact_only, max_age_seconds=max_age_s,
-            allow_stale=allow_stale), deadline)
+                     *, max_age_s: int, allow_stale: bool, exact_only: bool, deadline: Deadline,
+                     price: Price | None = None) -> CachedAnswer | None:
+        req = cache_pb2.LookupRequest(key=_cache_key(ns, model, messages, params), exact_only=exact_only,
+                                      max_age_seconds=max_age_s, allow_stale=allow_stale)
+        if price is not None:
+            # Lets the cache count the dollars its hits saved, per namespace.
+            req.price.CopyFrom(cache_pb2.TokenPrice(
+                input_nano_usd_per_mtok=price.input_per_mtok, output_nano_usd_per_mtok=price.output_per_mtok,
+                cached_input_nano_usd_per_mtok=price.cached_input_per_mtok))
+        resp = await self._ds.unary(self._stub.Lookup, req, deadline)
         tier = _TIERS.get(resp.tier)
         if tier is None:
             return None
@@ -62,6 +70,17 @@ class GrpcCacheClient:
                     content: str, usage: TokenUsage, deadline: Deadline) -> None:
         await self._ds.unary(self._stub.Store, cache_pb2.StoreRequest(
             key=_cache_key(ns, model, messages, params), content=content, usage=usage_to_proto(usage)), deadline)
+
+
+class GrpcRetrievalClient:
+    def __init__(self, downstream: Downstream):
+        self._ds = downstream
+        self._stub = retrieval_pb2_grpc.RetrievalServiceStub(downstream.channel)
+
+    async def search(self, tenant_id: str, query: str, top_k: int, deadline: Deadline) -> list[ContextChunk]:
+        resp = await self._ds.unary(self._stub.Search, retrieval_pb2.SearchRequest(
+            tenant_id=tenant_id, query=query, top_k=top_k, mode=retrieval_pb2.SEARCH_MODE_HYBRID), deadline)
+        return [ContextChunk(h.chunk_id, h.document_id, h.text, h.score) for h in resp.hits]
 
 
 class GrpcRateLimitClient:

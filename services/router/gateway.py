@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from libs.chat import (
     GenerationChunk,
     GenerationParams,
     Principal,
+    Role,
     TokenUsage,
     system_prompt_hash,
 )
@@ -39,6 +40,7 @@ from libs.errors import (
     Unavailable,
     Violations,
 )
+from libs.rag_context import ContextChunk, RetrievedContext, assemble_context, cited_chunk_ids
 from libs.tokens import estimate_prompt_tokens, estimate_tokens
 from services.router.keys import KeyRecord
 from services.router.pricing import FREE, Price
@@ -48,6 +50,9 @@ from services.router.usage import UsageEvent, utcnow
 log = logging.getLogger(__name__)
 
 AUTO_MODEL = "auto"
+# ErrorInfo.reason the ratelimit service gives a reserve refused by a USD budget.
+BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+MAX_QUERY_CHARS = 4096
 
 
 # --- what the router asks of its downstreams ----------------------------------------
@@ -78,8 +83,8 @@ class Reservation:
 
 class CacheClient(Protocol):
     async def lookup(self, ns: CacheNamespace, model: str, messages: list[ChatMessage], params: GenerationParams,
-                     *, max_age_s: int, allow_stale: bool, exact_only: bool,
-                     deadline: Deadline) -> CachedAnswer | None: ...
+                     *, max_age_s: int, allow_stale: bool, exact_only: bool, deadline: Deadline,
+                     price: Price | None = None) -> CachedAnswer | None: ...
 
     async def store(self, ns: CacheNamespace, model: str, messages: list[ChatMessage], params: GenerationParams,
                     content: str, usage: TokenUsage, deadline: Deadline) -> None: ...
@@ -93,6 +98,10 @@ class RateLimitClient(Protocol):
                      deadline: Deadline) -> None: ...
 
     async def release(self, reservation_id: str, deadline: Deadline) -> None: ...
+
+
+class RetrievalClient(Protocol):
+    async def search(self, tenant_id: str, query: str, top_k: int, deadline: Deadline) -> list[ContextChunk]: ...
 
 
 class UsageSink(Protocol):
@@ -120,6 +129,15 @@ class CachePolicy:
 
 
 @dataclass(frozen=True)
+class RetrievalPolicy:
+    enabled: bool = False
+    # Fail with UNAVAILABLE when retrieval is down, instead of answering without context.
+    required: bool = False
+    top_k: int = 8
+    max_context_tokens: int = 2000
+
+
+@dataclass(frozen=True)
 class GenerateCommand:
     model: str
     messages: list[ChatMessage]
@@ -130,6 +148,7 @@ class GenerateCommand:
     prompt_version: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     client_ip: str = ""
+    retrieval: RetrievalPolicy = RetrievalPolicy()
 
 
 @dataclass
@@ -145,6 +164,7 @@ class Summary:
     finish_reason: FinishReason
     latency_s: float
     price_version: int
+    cited_chunk_ids: list[str] = field(default_factory=list)
 
     @property
     def degraded(self) -> bool:
@@ -175,6 +195,7 @@ class _Attempt:
     status: str = "ok"
     error_reason: str = ""
     store_ns: CacheNamespace | None = None
+    context: RetrievedContext | None = None
 
     def billed_usage(self) -> TokenUsage:
         if self.usage is not None:
@@ -190,7 +211,8 @@ class _Attempt:
 class Gateway:
     def __init__(self, *, registry: Registry, cache: CacheClient, ratelimit: RateLimitClient,
                  inference: InferenceClient, usage: UsageSink, default_max_output_tokens: int,
-                 side_call_timeout_s: float):
+                 side_call_timeout_s: float, retrieval: RetrievalClient | None = None,
+                 retrieval_timeout_s: float = 2.0):
         self._registry = registry
         self._cache = cache
         self._ratelimit = ratelimit
@@ -198,6 +220,8 @@ class Gateway:
         self._usage = usage
         self._default_max_output = default_max_output_tokens
         self._side_timeout = side_call_timeout_s
+        self._retrieval = retrieval
+        self._retrieval_timeout = retrieval_timeout_s
         self._pending: set[asyncio.Task[None]] = set()
 
     # --- step 3: the model chain ---------------------------------------------------
@@ -226,6 +250,17 @@ class Gateway:
         v.raise_if_any()
         return chain
 
+    def _cheaper_chain(self, key: KeyRecord, chain: list[ModelEntry]) -> list[ModelEntry]:
+        """The chain with the cheapest cheap-tier model this key may use in front (unchanged if the
+        chain already starts on the cheap tier or the key may use none)."""
+        if chain[0].cost_tier == "cheap":
+            return chain
+        cheap = sorted((m for m in self._registry.models() if m.cost_tier == "cheap" and key.may_use(m.name)),
+                       key=lambda m: m.name)
+        if not cheap:
+            return chain
+        return [cheap[0], *(m for m in chain if m != cheap[0])]
+
     def _auto_model(self, key: KeyRecord) -> ModelEntry | None:
         # Until the complexity router lands (issue 7), "auto" means the cheapest tier this key may use.
         usable = [m for m in self._registry.models() if key.may_use(m.name)]
@@ -238,27 +273,53 @@ class Gateway:
                        request_id: str | None = None) -> AsyncIterator[str | Summary]:
         attempt = _Attempt(request_id or uuid.uuid4().hex, key, cmd, utcnow(), time.monotonic())
         chain = self.resolve_chain(key, cmd)
+        if cmd.retrieval.enabled:
+            # Step 5 before step 4: the retrieved context is part of the prompt, so of the cache key too.
+            cmd = attempt.cmd = await self._augment(attempt, deadline)
         attempt.model = chain[0]
-        attempt.price = self._price(chain[0])
+        attempt.price = self._price(chain[0], attempt.started_at)
         ns = CacheNamespace(key.principal.org_id, chain[0].name, system_prompt_hash(cmd.messages),
                             cmd.prompt_version)
         cacheable = cmd.params.deterministic or cmd.cache.allow_nondeterministic
         try:
             # Step 4: cache (fail open).
             if cacheable and not cmd.cache.no_cache:
-                hit = await self._lookup(ns, chain[0], cmd, deadline, allow_stale=False)
+                hit = await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=False)
                 if hit is not None:
                     self._serve_hit(attempt, hit)
                     yield hit.content
                     yield self._summary(attempt)
                     return
             # Step 6: reserve capacity.
-            await self._reserve(attempt, deadline)
+            try:
+                await self._reserve(attempt, deadline)
+            except QuotaExceeded as exc:
+                if exc.reason != BUDGET_EXHAUSTED or cmd.cache.no_cache:
+                    raise
+                # A budget at 100 % still lets the tenant read what it already paid for: any cached
+                # answer, stale included; otherwise the ratelimit service's error goes back as is
+                # (RESOURCE_EXHAUSTED, QuotaFailure naming the level, RetryInfo = window reset).
+                hit = await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=True)
+                if hit is None:
+                    raise
+                self._serve_hit(attempt, hit)
+                attempt.degraded.append("budget")
+                yield hit.content
+                yield self._summary(attempt)
+                return
+            if attempt.reservation is not None and attempt.reservation.prefer_cheaper:
+                # >= 95 % of a budget: move to the cheapest model of the cheap tier (DESIGN step 3);
+                # the reservation held the dearer estimate and the commit settles the real cost.
+                cheaper = self._cheaper_chain(key, chain)
+                if cheaper[0] != chain[0]:
+                    chain = cheaper
+                    ns = replace(ns, model_class=chain[0].name)
+                    attempt.degraded.append("budget")
             # Steps 7-8: generate through the first healthy member of the chain.
             async for delta in self._generate_through_chain(attempt, chain, deadline):
                 yield delta
             if attempt.finish is None:  # every backend failed: degraded path
-                hit = (await self._lookup(ns, chain[0], cmd, deadline, allow_stale=True)
+                hit = (await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=True)
                        if not cmd.cache.no_cache else None)
                 if hit is None:
                     raise Unavailable(f"no backend can serve {chain[0].name!r} right now and no cached answer "
@@ -287,12 +348,38 @@ class Gateway:
         finally:
             self._spawn(self._settle(attempt))
 
-    async def _lookup(self, ns: CacheNamespace, model: ModelEntry, cmd: GenerateCommand, deadline: Deadline,
-                      *, allow_stale: bool) -> CachedAnswer | None:
+    async def _augment(self, attempt: _Attempt, deadline: Deadline) -> GenerateCommand:
+        """Retrieve for the last user message (in the key's own tenant) and add the sources as a system
+        message after the caller's; the answer's citations map back to chunk ids at the end."""
+        cmd = attempt.cmd
+        query = next((m.content for m in reversed(cmd.messages) if m.role is Role.USER), "")[:MAX_QUERY_CHARS]
+        try:
+            if self._retrieval is None:
+                raise Unavailable("retrieval is not configured on this gateway", reason="NO_RETRIEVAL")
+            leash = Deadline(min(deadline.expires_at, time.monotonic() + self._retrieval_timeout),
+                             deadline.from_caller)
+            hits = await self._retrieval.search(attempt.key.principal.org_id, query, cmd.retrieval.top_k, leash)
+        except (Unavailable, DeadlineExceeded) as exc:
+            if cmd.retrieval.required:
+                raise Unavailable(f"retrieval is required for this request and unavailable ({exc.reason})",
+                                  reason="RETRIEVAL_UNAVAILABLE") from None
+            attempt.degraded.append("retrieval_unavailable")
+            return cmd
+        context = assemble_context(hits, cmd.retrieval.max_context_tokens)
+        if not context.text:
+            return cmd
+        attempt.context = context
+        cut = next((i for i, m in enumerate(cmd.messages) if m.role is not Role.SYSTEM), len(cmd.messages))
+        messages = [*cmd.messages[:cut], ChatMessage(Role.SYSTEM, context.text), *cmd.messages[cut:]]
+        return replace(cmd, messages=messages)
+
+    async def _lookup(self, attempt: _Attempt, ns: CacheNamespace, model: ModelEntry, cmd: GenerateCommand,
+                      deadline: Deadline, *, allow_stale: bool) -> CachedAnswer | None:
         try:
             return await self._cache.lookup(ns, model.name, cmd.messages, cmd.params,
                                             max_age_s=cmd.cache.max_age_s, allow_stale=allow_stale,
-                                            exact_only=cmd.cache.no_semantic, deadline=self._side(deadline))
+                                            exact_only=cmd.cache.no_semantic, deadline=self._side(deadline),
+                                            price=self._price(model, attempt.started_at))
         except TollgateError as exc:
             # Fail open: whatever the cache's problem, the request is still served.
             log.warning("cache lookup skipped: %s", exc.reason)
@@ -336,7 +423,7 @@ class Gateway:
                                       params.seed)
         last_error: TollgateError | None = None
         for model, target in self._candidates(chain):
-            attempt.model, attempt.price = model, self._price(model)
+            attempt.model, attempt.price = model, self._price(model, attempt.started_at)
             try:
                 async for chunk in self._inference.generate(target, attempt.request_id,
                                                             model.name, cmd.messages, params, deadline):
@@ -362,8 +449,9 @@ class Gateway:
         replicas whose breaker is open are left out."""
         return [(model, target) for model in chain for target in self._inference.order(model.targets)]
 
-    def _price(self, model: ModelEntry) -> Price:
-        return self._registry.price(model.name, utcnow()) or FREE
+    def _price(self, model: ModelEntry, started_at: datetime) -> Price:
+        # The version in force when the request started (issue 6), even if it generates after a change.
+        return self._registry.price(model.name, started_at) or FREE
 
     def _side(self, deadline: Deadline) -> Deadline:
         """Side calls (cache, limiter) get a short leash inside the request's deadline."""
@@ -377,7 +465,8 @@ class Gateway:
             usage=usage, cost_nano_usd=attempt.price.cost(usage), saved_nano_usd=attempt.saved_nano_usd,
             cache_tier=attempt.cache_tier, degraded_reasons=list(attempt.degraded),
             finish_reason=attempt.finish or FinishReason.STOP, latency_s=time.monotonic() - attempt.t0,
-            price_version=attempt.price.version)
+            price_version=attempt.price.version,
+            cited_chunk_ids=cited_chunk_ids("".join(attempt.text), attempt.context) if attempt.context else [])
 
     # --- settlement (steps 8-10), off the critical path ----------------------------------
 

@@ -1,29 +1,56 @@
-"""Virtual keys: generation, hashing, lookup with a short-lived in-process cache.
+"""Virtual keys: generation, hashing, lookup with a short-lived in-process cache, revocation broadcast.
 
 Keys are ``tg-`` + 32 random bytes (256 bits, URL-safe base64). With that much
 entropy a brute-force or dictionary attack on a leaked hash is hopeless, so a
 fast unsalted SHA-256 is the right hash: it lets the router find a key by its
 hash in one indexed lookup. Slow password hashes (bcrypt, argon2) exist for
 low-entropy human passwords and would only add latency here.
+
+Revocation reaches every router two ways: positive cache entries live at most
+``cache_ttl_s`` (1 s by default), and a revoked key id is published on a Redis
+channel that every router's :class:`RevocationBus` listens to, which evicts it
+at once (and keeps rejecting it while PostgreSQL is down and the stale cache
+would otherwise still serve it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from libs.chat import Principal
 from libs.errors import PermissionDenied, Unauthenticated, Unavailable
+from services.router.tasks import raise_if_cancelling
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "tg-"
+KEY_RANDOM_BYTES = 32
+HASH_ALGORITHM = "sha256"
+# What `tollgate key create` and CreateKeyResponse tell the operator (the issue: "the tool says which hash and why").
+HASH_RATIONALE = (
+    "The key is shown once and stored only as its SHA-256 digest. Keys are 256 bits from the OS's secure "
+    "random generator, so a leaked digest cannot be reversed by brute force or dictionary (2^256 guesses); "
+    "salts and slow password hashes (bcrypt, scrypt, argon2) defend low-entropy human passwords and would "
+    "only add latency to every request. An unsalted digest also lets the router find the key in one "
+    "indexed lookup."
+)
+REVOCATION_CHANNEL = "keys:revoked"
 
 
 def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
 
 
 def hash_key(key: str) -> bytes:
@@ -64,12 +91,28 @@ class Authenticator:
         # While PostgreSQL is down, keys seen recently keep working this long (DESIGN: auth from the key cache).
         self._stale_ttl = stale_ttl_s
         self._cache: dict[bytes, tuple[float, KeyRecord | None]] = {}
+        # key_id -> when the revocation was heard. Checked on every request, so a lookup that raced the
+        # revoking transaction (and cached the old row) or the stale fallback cannot bring the key back.
+        self._revoked: dict[str, float] = {}
 
     def forget(self, key_hash: bytes | None = None) -> None:
         if key_hash is None:
             self._cache.clear()
         else:
             self._cache.pop(key_hash, None)
+
+    def revoked(self, key_id: str) -> None:
+        """A key was revoked (heard on the revocation channel): reject it from now on, whatever is cached."""
+        now = time.monotonic()
+        self._revoked[key_id] = now
+        for key_hash, (cached_at, record) in list(self._cache.items()):
+            if record is not None and record.key_id == key_id:
+                # Kept as a revoked row rather than dropped, so the stale fallback (PostgreSQL down) says so too.
+                self._cache[key_hash] = (cached_at, dataclasses.replace(record, revoked=True))
+        # After this long every cached row of the key has been re-read from PostgreSQL (which says revoked).
+        keep = self._stale_ttl + self._ttl + 60.0
+        for stale_id in [k for k, at in self._revoked.items() if now - at > keep]:
+            del self._revoked[stale_id]
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         if not authorization:
@@ -95,7 +138,7 @@ class Authenticator:
                 self._cache[key_hash] = (now, record)
         if record is None:
             raise Unauthenticated("unknown key")
-        if record.revoked:
+        if record.revoked or record.key_id in self._revoked:
             raise Unauthenticated("key revoked")
         if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
             raise Unauthenticated("key expired")
@@ -105,3 +148,53 @@ class Authenticator:
 def require_admin(record: KeyRecord) -> None:
     if not record.is_admin:
         raise PermissionDenied("this call needs an admin key")
+
+
+class RevocationBus:
+    """Redis pub/sub channel ``{prefix}keys:revoked``: the router that revokes a key publishes its id,
+    every router (itself included) evicts it from its key cache.
+
+    Publishing is best effort: if Redis is down the cache TTL still bounds how long a revoked key works.
+    A listener that was disconnected may have missed messages, so on every (re)subscribe it drops its
+    whole key cache.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str):
+        self._redis = client
+        self.channel = f"{prefix}{REVOCATION_CHANNEL}"
+        self.subscribed = asyncio.Event()
+        self.subscriptions = 0  # how many times it (re)subscribed: 1 + reconnects
+
+    async def publish(self, key_id: str) -> None:
+        try:
+            await self._redis.publish(self.channel, key_id)
+        except (RedisError, OSError) as exc:
+            log.warning("revocation of %s not broadcast (%s); cache TTL applies", key_id, type(exc).__name__)
+
+    async def listen_forever(self, auth: Authenticator, *, poll_s: float = 1.0, retry_s: float = 1.0) -> None:
+        while True:
+            raise_if_cancelling()
+            pubsub: Any = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                auth.forget()
+                self.subscriptions += 1
+                self.subscribed.set()
+                while True:
+                    raise_if_cancelling()
+                    # A bounded wait (below the client's socket timeout) instead of listen(), which would
+                    # treat a quiet channel as a read timeout.
+                    message = await pubsub.get_message(timeout=poll_s)
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        auth.revoked(data.decode() if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.subscribed.clear()
+                log.warning("revocation listener disconnected (%s); retrying in %.1fs", type(exc).__name__,
+                            retry_s)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(retry_s)

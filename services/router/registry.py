@@ -15,6 +15,7 @@ import asyncpg
 
 from services.router.db import acquire
 from services.router.pricing import Price, price_at
+from services.router.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Registry:
 
     async def refresh_forever(self) -> None:
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(self._refresh_s)
             try:
                 await self.load()

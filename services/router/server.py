@@ -20,9 +20,14 @@ from libs.settings import load_settings
 from services.router.bootstrap import apply_migrations
 from services.router.control import ControlPlane
 from services.router.db import create_pool
-from services.router.downstreams import GrpcCacheClient, GrpcInferenceClient, GrpcRateLimitClient
+from services.router.downstreams import (
+    GrpcCacheClient,
+    GrpcInferenceClient,
+    GrpcRateLimitClient,
+    GrpcRetrievalClient,
+)
 from services.router.gateway import Gateway
-from services.router.keys import Authenticator
+from services.router.keys import Authenticator, RevocationBus
 from services.router.registry import Registry
 from services.router.servicer import AdminServicer, RouterServicer
 from services.router.settings import RouterSettings
@@ -35,13 +40,17 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
     await apply_migrations(settings.database_url)
     pool = await create_pool(settings.database_url)
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-    control = ControlPlane(pool)
+    # Revocations are broadcast on Redis so every router rejects a revoked key at once (issue 6).
+    revocations = RevocationBus(redis_client, settings.redis_prefix)
+    control = ControlPlane(pool, revocations)
     registry = Registry(pool, settings.registry_refresh_s)
     await registry.load()
     auth = Authenticator(control, cache_ttl_s=settings.key_cache_ttl_s)
 
     margin, side_cap = settings.hop_margin_s, settings.side_call_timeout_s
     cache_ds = Downstream("cache", settings.cache_target, breaker=Breaker("cache"), margin_s=margin, cap_s=side_cap)
+    retrieval_ds = Downstream("retrieval", settings.retrieval_target, breaker=Breaker("retrieval"),
+                              margin_s=margin, cap_s=settings.retrieval_timeout_s)
     ratelimit_ds = Downstream("ratelimit", settings.ratelimit_target, breaker=Breaker("ratelimit"),
                               margin_s=margin, cap_s=side_cap)
     inference = GrpcInferenceClient(margin_s=settings.hop_margin_s, cap_s=settings.max_timeout_s,
@@ -52,10 +61,12 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
     gateway = Gateway(registry=registry, cache=GrpcCacheClient(cache_ds), ratelimit=GrpcRateLimitClient(ratelimit_ds),
                       inference=inference, usage=recorder,
                       default_max_output_tokens=settings.default_max_output_tokens,
-                      side_call_timeout_s=settings.side_call_timeout_s)
+                      side_call_timeout_s=settings.side_call_timeout_s,
+                      retrieval=GrpcRetrievalClient(retrieval_ds), retrieval_timeout_s=settings.retrieval_timeout_s)
 
     background = [asyncio.create_task(registry.refresh_forever(), name="registry-refresh"),
-                  asyncio.create_task(recorder.replay_forever(), name="usage-spool-replay")]
+                  asyncio.create_task(recorder.replay_forever(), name="usage-spool-replay"),
+                  asyncio.create_task(revocations.listen_forever(auth), name="key-revocations")]
     if settings.run_ledger_writer:
         writer = LedgerWriter(redis_client, pool, stream_key, consumer=f"{socket.gethostname()}-{os.getpid()}",
                               batch_size=settings.ledger_batch_size)
@@ -83,6 +94,7 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
         await inference.aclose()
         await cache_ds.close()
         await ratelimit_ds.close()
+        await retrieval_ds.close()
         await redis_client.aclose()
         await pool.close()
 

@@ -22,8 +22,8 @@ from libs.chat import (
 from libs.deadlines import Deadline
 from libs.errors import Violations
 from services.router.control import ControlPlane
-from services.router.gateway import CachePolicy, Gateway, GenerateCommand, Summary
-from services.router.keys import Authenticator, KeyRecord, require_admin
+from services.router.gateway import CachePolicy, Gateway, GenerateCommand, RetrievalPolicy, Summary
+from services.router.keys import HASH_ALGORITHM, HASH_RATIONALE, Authenticator, KeyRecord, require_admin
 from services.router.registry import Registry
 
 _TIER = {"miss": common_pb2.CACHE_TIER_MISS, "exact": common_pb2.CACHE_TIER_EXACT,
@@ -39,6 +39,7 @@ _DEGRADED = {
 _SCOPE = {common_pb2.LIMIT_SCOPE_GLOBAL: "global", common_pb2.LIMIT_SCOPE_ORG: "org",
           common_pb2.LIMIT_SCOPE_TEAM: "team", common_pb2.LIMIT_SCOPE_KEY: "key",
           common_pb2.LIMIT_SCOPE_CLIENT_IP: "client_ip"}
+_SCOPE_PROTO = {v: k for k, v in _SCOPE.items()}
 _ROLE = {admin_pb2.KEY_ROLE_ADMIN: "admin", admin_pb2.KEY_ROLE_MEMBER: "member"}
 _ROLE_PROTO = {v: k for k, v in _ROLE.items()}
 _COST_TIER = {admin_pb2.COST_TIER_CHEAP: "cheap", admin_pb2.COST_TIER_STRONG: "strong"}
@@ -48,6 +49,8 @@ _GROUP = {admin_pb2.USAGE_GROUP_BY_ORG: "org", admin_pb2.USAGE_GROUP_BY_TEAM: "t
           admin_pb2.USAGE_GROUP_BY_DAY: "day"}
 
 MAX_LABELS = 32
+MAX_RETRIEVAL_TOP_K = 100
+MAX_CONTEXT_TOKENS = 32_768
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -85,15 +88,20 @@ def _command(inp: router_pb2.GenerationInput, client_ip: str) -> GenerateCommand
     v.check(len(inp.prompt_version) <= 128, "input.prompt_version", "at most 128 characters")
     v.check(inp.cache_control.max_age_seconds <= 30 * 86400, "input.cache_control.max_age_seconds",
             "at most 30 days")
-    if inp.retrieval.enabled:
-        v.add("input.retrieval", "retrieval-augmented generation is not enabled on this gateway yet")
+    v.check(inp.retrieval.top_k <= MAX_RETRIEVAL_TOP_K, "input.retrieval.top_k", f"at most {MAX_RETRIEVAL_TOP_K}")
+    v.check(inp.retrieval.max_context_tokens <= MAX_CONTEXT_TOKENS, "input.retrieval.max_context_tokens",
+            f"at most {MAX_CONTEXT_TOKENS}")
     v.raise_if_any()
     cc = inp.cache_control
     return GenerateCommand(
         model=inp.model, fallback_models=tuple(inp.fallback_models), messages=messages_from_proto(inp.messages),
         params=params_from_proto(inp.params),
         cache=CachePolicy(cc.no_cache, cc.no_store, cc.no_semantic, cc.max_age_seconds, cc.allow_nondeterministic),
-        user_id=inp.user_id, prompt_version=inp.prompt_version, labels=dict(inp.labels), client_ip=client_ip)
+        user_id=inp.user_id, prompt_version=inp.prompt_version, labels=dict(inp.labels), client_ip=client_ip,
+        retrieval=RetrievalPolicy(enabled=inp.retrieval.enabled, required=inp.retrieval.required,
+                                  top_k=inp.retrieval.top_k or RetrievalPolicy.top_k,
+                                  max_context_tokens=inp.retrieval.max_context_tokens
+                                  or RetrievalPolicy.max_context_tokens))
 
 
 def summary_to_proto(s: Summary) -> router_pb2.GenerationSummary:
@@ -104,7 +112,8 @@ def summary_to_proto(s: Summary) -> router_pb2.GenerationSummary:
         cost_nano_usd=s.cost_nano_usd, saved_nano_usd=s.saved_nano_usd,
         cache_tier=_TIER.get(s.cache_tier, common_pb2.CACHE_TIER_UNSPECIFIED), degraded=s.degraded,
         degraded_reasons=sorted({_DEGRADED[r] for r in s.degraded_reasons if r in _DEGRADED}),
-        finish_reason=finish_to_proto(s.finish_reason), latency=latency, price_version=s.price_version)
+        finish_reason=finish_to_proto(s.finish_reason), latency=latency, price_version=s.price_version,
+        cited_chunk_ids=s.cited_chunk_ids)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -178,12 +187,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             actor, org_id=request.org_id, team_id=request.team_id, name=request.name, role=_ROLE[request.role],
             allowed_models=list(request.allowed_models),
             expires_at=request.expires_at.ToDatetime(UTC) if request.HasField("expires_at") else None)
-        return admin_pb2.CreateKeyResponse(key_id=created.key_id, key=created.secret)
+        return admin_pb2.CreateKeyResponse(key_id=created.key_id, key=created.secret, hash_algorithm=HASH_ALGORITHM,
+                                           hash_rationale=HASH_RATIONALE)
 
     async def RevokeKey(self, request: admin_pb2.RevokeKeyRequest, context: Any) -> admin_pb2.RevokeKeyResponse:
         actor = await self._admin(context)
         await self._control.revoke_key(actor, request.key_id)
-        self._auth.forget()
+        # This router at once; the others through the revocation broadcast (or their 1 s cache TTL).
+        self._auth.revoked(request.key_id)
         return admin_pb2.RevokeKeyResponse()
 
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: Any) -> admin_pb2.ListKeysResponse:
@@ -194,7 +205,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             principal=common_pb2.Principal(org_id=k.record.principal.org_id, team_id=k.record.principal.team_id,
                                            key_id=k.record.key_id),
             name=k.name, role=_ROLE_PROTO[k.record.role], allowed_models=list(k.record.allowed_models),
-            display_prefix=k.display_prefix, revoked=k.record.revoked, created_at=_ts(k.created_at)) for k in keys])
+            display_prefix=k.display_prefix, revoked=k.record.revoked, created_at=_ts(k.created_at),
+            expires_at=_ts(k.record.expires_at) if k.record.expires_at else None,
+            revoked_at=_ts(k.revoked_at) if k.revoked_at else None) for k in keys])
 
     async def SetLimits(self, request: admin_pb2.SetLimitsRequest, context: Any) -> admin_pb2.SetLimitsResponse:
         actor = await self._admin(context)
@@ -266,12 +279,50 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.GetUsageReportResponse(rows=[admin_pb2.UsageReportRow(
             group_values=list(r.group_values), requests=r.requests, input_tokens=r.input_tokens,
             output_tokens=r.output_tokens, cached_input_tokens=r.cached_input_tokens, cost_nano_usd=r.cost_nano_usd,
-            saved_nano_usd=r.saved_nano_usd, cache_hits=r.cache_hits, errors=r.errors) for r in rows])
+            saved_nano_usd=r.saved_nano_usd, cache_hits=r.cache_hits, errors=r.errors, cancelled=r.cancelled)
+            for r in rows])
 
     async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
                               context: Any) -> admin_pb2.ListAuditEventsResponse:
         await self._admin(context)
-        events = await self._control.audit_events(min(request.limit or 100, 1000))
+        events = await self._control.audit_events(min(request.limit or 100, 1000), target=request.target,
+                                                  action=request.action)
         return admin_pb2.ListAuditEventsResponse(events=[admin_pb2.AuditEvent(
             id=e.id, actor_key_id=e.actor_key_id, action=e.action, target=e.target, before_json=e.before_json,
             after_json=e.after_json, time=_ts(e.at)) for e in events])
+
+    async def ListOrgs(self, request: admin_pb2.ListOrgsRequest, context: Any) -> admin_pb2.ListOrgsResponse:
+        await self._admin(context)
+        return admin_pb2.ListOrgsResponse(orgs=[admin_pb2.OrgInfo(org_id=o.org_id, name=o.name,
+                                                                  created_at=_ts(o.created_at))
+                                                for o in await self._control.list_orgs()])
+
+    async def ListTeams(self, request: admin_pb2.ListTeamsRequest, context: Any) -> admin_pb2.ListTeamsResponse:
+        await self._admin(context)
+        return admin_pb2.ListTeamsResponse(teams=[admin_pb2.TeamInfo(
+            team_id=t.team_id, org_id=t.org_id, name=t.name, created_at=_ts(t.created_at))
+            for t in await self._control.list_teams(request.org_id)])
+
+    async def ListLimits(self, request: admin_pb2.ListLimitsRequest, context: Any) -> admin_pb2.ListLimitsResponse:
+        await self._admin(context)
+        v = Violations()
+        v.check(request.scope == common_pb2.LIMIT_SCOPE_UNSPECIFIED or request.scope in _SCOPE, "scope",
+                "unknown scope")
+        v.raise_if_any()
+        limits, budgets = await self._control.list_limits(_SCOPE.get(request.scope, ""), request.scope_id)
+        return admin_pb2.ListLimitsResponse(
+            limits=[admin_pb2.ScopeLimits(scope=_SCOPE_PROTO[x.scope], scope_id=x.scope_id,
+                                          requests_per_minute=x.requests_per_minute,
+                                          tokens_per_minute=x.tokens_per_minute, tokens_per_day=x.tokens_per_day,
+                                          updated_at=_ts(x.updated_at)) for x in limits],
+            budgets=[admin_pb2.ScopeBudget(scope=_SCOPE_PROTO[b.scope], scope_id=b.scope_id,
+                                           daily_nano_usd=b.daily_nano_usd, monthly_nano_usd=b.monthly_nano_usd,
+                                           updated_at=_ts(b.updated_at)) for b in budgets])
+
+    async def ListPrices(self, request: admin_pb2.ListPricesRequest, context: Any) -> admin_pb2.ListPricesResponse:
+        await self._admin(context)
+        return admin_pb2.ListPricesResponse(prices=[admin_pb2.PriceVersion(
+            price_version=p.price_version, model=p.model, input_nano_usd_per_mtok=p.input_per_mtok,
+            output_nano_usd_per_mtok=p.output_per_mtok, cached_input_nano_usd_per_mtok=p.cached_input_per_mtok,
+            effective_from=_ts(p.effective_from), created_at=_ts(p.created_at))
+            for p in await self._control.list_prices(request.model)])

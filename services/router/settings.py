@@ -25,9 +25,12 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     hop_margin_s: float = Field(0.02, ge=0)
     # Side calls (cache, ratelimit) must be quick; a slow one is skipped or failed open.
     side_call_timeout_s: float = Field(0.5, gt=0)
+    # Retrieval (embedding + hybrid search) gets longer; past it, optional retrieval is skipped.
+    retrieval_timeout_s: float = Field(2.0, gt=0)
 
-    # Positive key lookups are cached this long (revocation takes effect within it).
-    key_cache_ttl_s: float = Field(1.0, ge=0)
+    # Positive key lookups are cached this long. Revocations are also broadcast on Redis (immediate);
+    # this bounds revocation latency when the broadcast is lost (Redis down).
+    key_cache_ttl_s: float = Field(0.5, ge=0)
     # Models, prices and the like are reloaded from PostgreSQL this often.
     registry_refresh_s: float = Field(2.0, gt=0)
 

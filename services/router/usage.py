@@ -6,7 +6,9 @@ Guarantees (DESIGN.md step 10):
   stream entries only after the insert committed, so a crash or restart between
   the two re-delivers, and the ledger still holds each request exactly once;
 - PostgreSQL down: entries stay pending in the stream and are written when it returns;
-- Redis down: events are appended to a local spool file and replayed into the stream later.
+- Redis down: events are appended to a local spool file and replayed into the stream later;
+- an entry that cannot be parsed is moved to ``<stream>:dead`` (kept, counted, logged by id),
+  never retried forever in front of the good ones.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
 from services.router.db import CONNECTION_ERRORS
+from services.router.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,7 @@ class UsageRecorder:
 
     async def replay_forever(self, every_s: float = 2.0) -> None:
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(every_s)
             if not self._spool_dir.exists():
                 continue
@@ -151,20 +155,33 @@ def _row(e: UsageEvent) -> tuple[Any, ...]:
 
 
 _RETRYABLE: tuple[type[BaseException], ...] = (RedisError, *CONNECTION_ERRORS)
+# What a single row can cause (as opposed to the database being away): not worth retrying.
+_BAD_ROW: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+def _request_id_of(raw: str | bytes) -> str:
+    try:
+        return str(json.loads(raw).get("request_id", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 class LedgerWriter:
     """Consumer-group reader of the usage stream that writes batches into ``usage_ledger``."""
 
     def __init__(self, client: redis.Redis, pool: asyncpg.Pool, stream_key: str, *, consumer: str,
-                 batch_size: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000):
+                 batch_size: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000,
+                 max_backoff_s: float = 5.0):
         self._redis = client
         self._pool = pool
         self._stream = stream_key
+        self._dead = f"{stream_key}:dead"
         self._consumer = consumer
         self._batch = batch_size
         self._block_ms = block_ms
         self._claim_idle_ms = claim_idle_ms
+        self._max_backoff = max_backoff_s
+        self.written = 0  # rows handed to PostgreSQL (duplicates included), for tests and metrics
 
     async def ensure_group(self) -> None:
         try:
@@ -184,16 +201,55 @@ class LedgerWriter:
             return 0
         ids = [entry_id for entry_id, _ in entries]
         events = []
-        for _, fields in entries:
+        poison: list[tuple[Any, Any]] = []
+        for entry_id, fields in entries:
+            raw = fields.get(b"e") or fields.get("e")
+            if raw is None:
+                continue  # deleted after delivery: nothing to write, only to acknowledge
+            try:
+                events.append(UsageEvent.from_json(raw))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("usage entry %r is malformed (%s); moved to the dead-letter stream", entry_id,
+                          type(exc).__name__)
+                poison.append((entry_id, raw))
+        if events:
+            try:
+                async with self._pool.acquire(timeout=5) as conn, conn.transaction():
+                    await conn.executemany(_INSERT, [_row(e) for e in events])
+            except _BAD_ROW:
+                # One row PostgreSQL refuses (say, a value out of range) must not block the whole stream:
+                # write them one by one and set the refused ones aside.
+                poison += await self._insert_one_by_one(entries, events)
+            self.written += len(events)
+        for entry_id, raw in poison:
+            await self._redis.xadd(self._dead, {"e": raw, "id": entry_id})
+        # Acknowledge only after the rows are committed.
+        # Acknowledge and trim in one MULTI/EXEC: a writer killed between the two would otherwise leave
+        # acknowledged entries in the stream for good.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self._stream, GROUP, *ids)
+            pipe.xdel(self._stream, *ids)
+            await pipe.execute()
+        return len(events)
+
+    async def _insert_one_by_one(self, entries: list[tuple[Any, dict[Any, Any]]],
+                                 events: list[UsageEvent]) -> list[tuple[Any, Any]]:
+        by_request: dict[str, tuple[Any, Any]] = {}
+        for entry_id, fields in entries:
             raw = fields.get(b"e") or fields.get("e")
             if raw is not None:
-                events.append(UsageEvent.from_json(raw))
-        async with self._pool.acquire(timeout=5) as conn, conn.transaction():
-            await conn.executemany(_INSERT, [_row(e) for e in events])
-        # Acknowledge only after the rows are committed.
-        await self._redis.xack(self._stream, GROUP, *ids)
-        await self._redis.xdel(self._stream, *ids)
-        return len(events)
+                by_request.setdefault(_request_id_of(raw), (entry_id, raw))
+        refused: list[tuple[Any, Any]] = []
+        async with self._pool.acquire(timeout=5) as conn:
+            for event in events:
+                try:
+                    await conn.execute(_INSERT, *_row(event))
+                except _BAD_ROW as exc:
+                    log.error("ledger refused request %s (%s); moved to the dead-letter stream", event.request_id,
+                              type(exc).__name__)
+                    if event.request_id in by_request:
+                        refused.append(by_request[event.request_id])
+        return refused
 
     async def _read(self, start: str, block_ms: int | None) -> list[tuple[Any, dict[Any, Any]]]:
         resp: Any = await self._redis.xreadgroup(GROUP, self._consumer, {self._stream: start},
@@ -215,6 +271,7 @@ class LedgerWriter:
             try:
                 await self.ensure_group()
                 while True:
+                    raise_if_cancelling()
                     await self.drain_once()
                     backoff = 0.2
             except asyncio.CancelledError:
@@ -224,4 +281,4 @@ class LedgerWriter:
             except Exception:
                 log.exception("ledger writer error; retry in %.1fs", backoff)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, self._max_backoff)

@@ -242,3 +242,37 @@ def test_grpcurl_lists_describes_and_calls_generate(mesh: RunningMesh) -> None:
     assert called.returncode == 0, called.stderr
     reply = json.loads(called.stdout)  # grpcurl 1.8 prints proto field names
     assert reply["content"] and reply["summary"]["request_id"], called.stdout
+
+
+async def test_retrieval_augmented_generation_cites_the_tenants_chunks(mesh: RunningMesh) -> None:
+    from tollgate.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+    _, key = await _member_key(mesh)
+    async with grpc.aio.insecure_channel(mesh.router) as ch:
+        keys = await admin_pb2_grpc.AdminServiceStub(ch).ListKeys(admin_pb2.ListKeysRequest(),
+                                                                   metadata=_md(mesh.admin_key))
+    org_id = keys.keys[0].principal.org_id
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.mesh.settings.retrieval_port}") as ch:
+        await retrieval_pb2_grpc.RetrievalServiceStub(ch).Ingest(retrieval_pb2.IngestRequest(
+            tenant_id=org_id, documents=[
+                retrieval_pb2.Document(document_id="lighthouses", text="The Eddystone lighthouse stands on rocks "
+                                       "south of Plymouth; its current tower was built in 1882."),
+                retrieval_pb2.Document(document_id="rivers", text="The Danube flows through ten countries.")]),
+            timeout=30)
+        # Another tenant's document must never be retrieved for this one.
+        await retrieval_pb2_grpc.RetrievalServiceStub(ch).Ingest(retrieval_pb2.IngestRequest(
+            tenant_id="someone-else", documents=[retrieval_pb2.Document(
+                document_id="secret", text="The Eddystone lighthouse secret plans of another tenant.")]), timeout=30)
+    mesh.provider(reset=True, reply="It was built in 1882 [1].")
+    try:
+        request = _req("When was the Eddystone lighthouse tower built?", no_cache=True)
+        request.retrieval.CopyFrom(router_pb2.RetrievalOptions(enabled=True, required=True, top_k=4))
+        async with grpc.aio.insecure_channel(mesh.router) as ch:
+            resp = await router_pb2_grpc.RouterServiceStub(ch).Generate(
+                router_pb2.GenerateRequest(input=request), metadata=_md(key), timeout=30)
+        sent = mesh.provider()["last_request"]
+    finally:
+        mesh.provider(reset=True)
+    assert resp.summary.cited_chunk_ids and all(c.startswith("lighthouses") for c in resp.summary.cited_chunk_ids)
+    system = " ".join(m["content"] for m in sent["messages"] if m["role"] == "system")  # type: ignore[index]
+    assert "1882" in system and "secret plans" not in system

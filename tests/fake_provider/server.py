@@ -61,7 +61,7 @@ class FakeProvider:
     async def wait_idle(self, timeout_s: float = 2.0) -> dict[str, Any]:
         """Wait until no generation is active (the provider noticed every disconnect); returns the state."""
         deadline = time.monotonic() + timeout_s
-        while self.state.active_streams and time.monotonic() < deadline:  # noqa: ASYNC110 - state may change in another thread
+        while self.state.active_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return self.snapshot()
 
@@ -88,7 +88,7 @@ class FakeProvider:
         for connection in list(state.connections):
             connection.shutdown()  # idle keep-alive connections close now, busy ones after their response
         deadline = time.monotonic() + grace_s
-        while state.tasks and time.monotonic() < deadline:  # noqa: ASYNC110 - uvicorn offers no event
+        while state.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         for task in list(state.tasks):
             task.cancel()

@@ -18,6 +18,7 @@ from services.cache.server import build
 from services.cache.settings import CacheSettings
 from tests.support.infra import free_port
 from tests.support.procs import ServiceProcess
+from tests.unit.cache.cache_test_support import static_model_dir
 
 USER = common_pb2.MESSAGE_ROLE_USER
 SYSTEM = common_pb2.MESSAGE_ROLE_SYSTEM
@@ -38,8 +39,11 @@ USAGE = common_pb2.TokenUsage(input_tokens=20, output_tokens=3, cached_input_tok
 
 
 
-async def _serve(redis_url: str, redis_prefix: str) -> AsyncIterator[tuple[cache_pb2_grpc.CacheServiceStub, int]]:
-    s = CacheSettings(port=0, redis_url=redis_url, redis_prefix=redis_prefix, max_entry_bytes=1000)
+async def _serve(redis_url: str, redis_prefix: str, **extra: object
+                 ) -> AsyncIterator[tuple[cache_pb2_grpc.CacheServiceStub, int]]:
+    options: dict[str, object] = {"embedding_model_dir": str(static_model_dir()), **extra}
+    s = CacheSettings(port=0, redis_url=redis_url, redis_prefix=redis_prefix, max_entry_bytes=1000,
+                      **options)  # type: ignore[arg-type]
     bindings, close = await build(s)
     server = GrpcServer(s, bindings)
     port = await server.start()
@@ -100,7 +104,7 @@ async def test_invalidate_by_prompt_version(stub: cache_pb2_grpc.CacheServiceStu
     await stub.Store(cache_pb2.StoreRequest(key=key(prompt_version="v1"), content="one", usage=USAGE))
     await stub.Store(cache_pb2.StoreRequest(key=key(prompt_version="v2"), content="two", usage=USAGE))
     resp = await stub.Invalidate(cache_pb2.InvalidateRequest(tenant_id="acme", prompt_version="v1"))
-    assert resp.removed_entries == 1
+    assert resp.removed_entries == 2  # its exact entry and its semantic one
     v1 = await stub.Lookup(cache_pb2.LookupRequest(key=key(prompt_version="v1")))
     v2 = await stub.Lookup(cache_pb2.LookupRequest(key=key(prompt_version="v2")))
     assert (v1.tier, v2.tier) == (common_pb2.CACHE_TIER_MISS, common_pb2.CACHE_TIER_EXACT)
@@ -162,7 +166,8 @@ async def test_redis_down_keeps_serving_and_reports_degraded(redis_prefix: str) 
 def test_runs_as_a_process(redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
     port = free_port()
     env = {"TOLLGATE_CACHE_PORT": str(port), "TOLLGATE_REDIS_URL": redis_url, "TOLLGATE_REDIS_PREFIX": redis_prefix,
-           "TOLLGATE_CACHE_GRACE_PERIOD_S": "1"}
+           "TOLLGATE_CACHE_GRACE_PERIOD_S": "1",
+           "TOLLGATE_CACHE_EMBEDDING_MODEL_DIR": str(static_model_dir().resolve())}
     proc = ServiceProcess("cache", port, env, tmp_path).wait_ready()
     try:
         with grpc.insecure_channel(proc.address) as ch:
@@ -170,7 +175,74 @@ def test_runs_as_a_process(redis_url: str, redis_prefix: str, tmp_path: Path) ->
             stub.Store(cache_pb2.StoreRequest(key=key(), content="Paris.", usage=USAGE), timeout=5)
             hit = stub.Lookup(cache_pb2.LookupRequest(key=key()), timeout=5)
             assert hit.tier == common_pb2.CACHE_TIER_EXACT and hit.content == "Paris."
+            near = stub.Lookup(cache_pb2.LookupRequest(key=key(text="What's the capital of France?")), timeout=5)
+            assert near.tier == common_pb2.CACHE_TIER_SEMANTIC and near.content == "Paris."
     finally:
         assert proc.stop() == 0
     log = proc.log()
     assert "Paris" not in log and "capital" not in log  # never prompt or response text
+
+
+PRICE = cache_pb2.TokenPrice(input_nano_usd_per_mtok=3_000_000_000, output_nano_usd_per_mtok=15_000_000_000)
+
+
+async def test_semantic_hit_with_price_and_per_namespace_stats(stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    await stub.Store(cache_pb2.StoreRequest(key=key(text="How do I reset my password?"), content="Use the link.",
+                                            usage=USAGE))
+    hit = await stub.Lookup(cache_pb2.LookupRequest(key=key(text="How can I reset my password?"), price=PRICE))
+    assert hit.tier == common_pb2.CACHE_TIER_SEMANTIC and hit.content == "Use the link."
+    assert hit.entry_id.startswith("semantic:") and 0.5 < hit.similarity <= 1.0
+    no_sem = await stub.Lookup(cache_pb2.LookupRequest(key=key(text="How can I reset my password?"), exact_only=True))
+    assert no_sem.tier == common_pb2.CACHE_TIER_MISS
+    refused = await stub.Lookup(cache_pb2.LookupRequest(key=key(text="How can I reset my password?"),
+                                                        semantic_threshold=0.99999))
+    assert refused.tier == common_pb2.CACHE_TIER_MISS
+    other = await stub.Lookup(cache_pb2.LookupRequest(key=key(tenant="globex", text="How can I reset my password?")))
+    assert other.tier == common_pb2.CACHE_TIER_MISS
+
+    stats = await stub.GetStats(cache_pb2.GetStatsRequest(tenant_id="acme", per_namespace=True))
+    assert (stats.semantic_hits, stats.exact_hits, stats.misses, stats.stores) == (1, 0, 2, 1)
+    assert stats.semantic_rejections >= 1
+    # 20 input tokens (5 cached, billed at 0 here) at $3/M and 3 output at $15/M.
+    assert stats.saved_nano_usd == (15 * 3_000 + 3 * 15_000)
+    assert [n.namespace.prompt_version for n in stats.namespaces] == ["v1"]
+    assert stats.namespaces[0].semantic_hits == 1 and stats.namespaces[0].saved_nano_usd == stats.saved_nano_usd
+
+    removed = await stub.Invalidate(cache_pb2.InvalidateRequest(tenant_id="acme", prompt_version="v1"))
+    assert removed.removed_entries == 2  # the exact entry and the semantic one
+    gone = await stub.Lookup(cache_pb2.LookupRequest(key=key(text="How can I reset my password?")))
+    assert gone.tier == common_pb2.CACHE_TIER_MISS
+
+
+async def test_semantic_request_fields_are_validated(stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Lookup(cache_pb2.LookupRequest(key=key(), semantic_threshold=1.5,
+                                                  price=cache_pb2.TokenPrice(input_nano_usd_per_mtok=-1)))
+    assert set(violations(err.value)) == {"semantic_threshold", "price"}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetStats(cache_pb2.GetStatsRequest(per_namespace=True))
+    assert set(violations(err.value)) == {"per_namespace"}
+
+
+async def test_namespace_policy_sets_ttl_and_turns_semantic_off(redis_url: str, redis_prefix: str) -> None:
+    from services.cache.settings import NamespacePolicy
+
+    policies = {"acme": NamespacePolicy(semantic=False), "acme/slow": NamespacePolicy(ttl_s=5)}
+    async for stub, _ in _serve(redis_url, redis_prefix, namespace_policies=policies):
+        await stub.Store(cache_pb2.StoreRequest(key=key(text="How do I reset my password?"), content="x", usage=USAGE))
+        miss = await stub.Lookup(cache_pb2.LookupRequest(key=key(text="How can I reset my password?")))
+        assert miss.tier == common_pb2.CACHE_TIER_MISS
+        await stub.Store(cache_pb2.StoreRequest(key=key(model_class="slow"), content="y", usage=USAGE))
+        hit = await stub.Lookup(cache_pb2.LookupRequest(key=key(model_class="slow")))
+        assert hit.tier == common_pb2.CACHE_TIER_EXACT
+        stats = await stub.GetStats(cache_pb2.GetStatsRequest(tenant_id="acme"))
+        assert not stats.degraded
+
+
+async def test_semantic_tier_without_a_model_reports_degraded(redis_url: str, redis_prefix: str,
+                                                              tmp_path: Path) -> None:
+    async for stub, _ in _serve(redis_url, redis_prefix, embedding_model_dir=str(tmp_path / "none")):
+        await stub.Store(cache_pb2.StoreRequest(key=key(), content="Paris.", usage=USAGE))
+        assert (await stub.Lookup(cache_pb2.LookupRequest(key=key()))).tier == common_pb2.CACHE_TIER_EXACT
+        stats = await stub.GetStats(cache_pb2.GetStatsRequest())
+        assert stats.degraded and "no embedding model" in stats.degraded_detail

@@ -4,110 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from tollgate.common.v1 import common_pb2
 from tollgate.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 
-from libs.grpc_errors import status_proto_from_rpc
-from libs.grpc_server import GrpcServer
-from libs.pg_migrations import migrate
-from services.ratelimit.server import build
-from services.ratelimit.settings import RateLimitSettings
+from tests.integration.ratelimit.ratelimit_support import (
+    Running,
+    detail,
+    reserve_req,
+    rpc_error,
+    set_limit,
+    subject,
+    wait_for_limit,
+)
 from tests.support.infra import free_port
 from tests.support.procs import ServiceProcess
-
-MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "router" / "migrations"
-
-
-@pytest.fixture
-async def control_plane(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """The migrated control-plane database, as a pool for the test to write limits with."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn, MIGRATIONS)
-    finally:
-        await conn.close()
-    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
-    yield pool
-    await pool.close()
-
-
-@dataclass
-class Running:
-    stub: ratelimit_pb2_grpc.RateLimitServiceStub
-    db: asyncpg.Pool
-    settings: RateLimitSettings
-
-
-@pytest.fixture
-async def ratelimit(clean_env: None, control_plane: asyncpg.Pool, database_url: str, redis_url: str,
-                    redis_prefix: str) -> AsyncIterator[Running]:
-    """The real service (build() as serve() wires it) on a loopback port, in this process."""
-    settings = RateLimitSettings(host="127.0.0.1", port=0, redis_url=redis_url, redis_prefix=redis_prefix,
-                                 database_url=database_url, limits_refresh_s=0.1, sweep_interval_s=0.1,
-                                 grace_period_s=1)
-    bindings, close = await build(settings)
-    server = GrpcServer(settings, bindings)
-    port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield Running(ratelimit_pb2_grpc.RateLimitServiceStub(channel), control_plane, settings)
-    finally:
-        await channel.close()
-        await server.stop(0.5)
-        await close()
-
-
-def subject(key: str = "k1", team: str = "t1", org: str = "o1", ip: str = "") -> ratelimit_pb2.Subject:
-    return ratelimit_pb2.Subject(principal=common_pb2.Principal(org_id=org, team_id=team, key_id=key), client_ip=ip)
-
-
-def reserve_req(tokens: int, **kwargs: Any) -> ratelimit_pb2.ReserveRequest:
-    return ratelimit_pb2.ReserveRequest(subject=subject(**kwargs), request_id="req-1", estimated_tokens=tokens)
-
-
-def detail(status: status_pb2.Status, kind: Any) -> Any:
-    for d in status.details:
-        if d.Is(kind.DESCRIPTOR):
-            msg = kind()
-            d.Unpack(msg)
-            return msg
-    raise AssertionError(f"no {kind.DESCRIPTOR.name} in {status}")
-
-
-async def rpc_error(call: Any) -> tuple[grpc.aio.AioRpcError, status_pb2.Status]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    status = status_proto_from_rpc(info.value)
-    assert status is not None
-    return info.value, status
-
-
-async def set_limit(svc: Running, scope: str, scope_id: str, rpm: int = 0, tpm: int = 0, tpd: int = 0) -> None:
-    await svc.db.execute(
-        "INSERT INTO limits (scope, scope_id, requests_per_minute, tokens_per_minute, tokens_per_day)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, scope_id) DO UPDATE SET"
-        " requests_per_minute = $3, tokens_per_minute = $4, tokens_per_day = $5, updated_at = now()",
-        scope, scope_id, rpm, tpm, tpd)
-
-
-async def wait_for_limit(svc: Running, key: str, kind: int, limit: int, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        usage = await svc.stub.GetUsage(ratelimit_pb2.GetUsageRequest(subject=subject(key)))
-        if any(u.kind == kind and u.limit == limit for u in usage.usages):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"limit {limit} not picked up within {timeout_s}s")
 
 
 async def test_reserve_commit_release_and_usage(ratelimit: Running) -> None:

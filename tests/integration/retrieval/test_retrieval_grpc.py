@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,12 +16,20 @@ from google.rpc import error_details_pb2
 from tollgate.retrieval.v1 import retrieval_pb2 as pb
 from tollgate.retrieval.v1 import retrieval_pb2_grpc
 
+from libs import static_model as model_setup
 from libs.grpc_errors import status_proto_from_rpc
 from libs.grpc_server import GrpcServer
 from services.retrieval.server import build
 from services.retrieval.settings import RetrievalSettings
 
 Stub = retrieval_pb2_grpc.RetrievalServiceStub
+
+@pytest.fixture(scope="module", autouse=True)
+def retrieval_model() -> None:
+    """The default embedder's model (``make setup`` prepares it; a checkout without it pays the distillation once)."""
+    if not model_setup.is_prepared(model_setup.DEFAULT_DIR):
+        model_setup.distill(model_setup.DEFAULT_DIR)
+
 # ``await serve(**setting_overrides)`` -> a stub to a fresh in-process server.
 Serve = Callable[..., Awaitable[Stub]]
 
@@ -118,7 +129,8 @@ async def test_ingest_search_delete_roundtrip(serve: Serve) -> None:
 
 async def test_chunking_options_from_request(serve: Serve) -> None:
     stub = await serve()
-    text = " ".join(f"w{i}" for i in range(20))
+    # "word" is one token for the default embedder's tokenizer, so windows count words here.
+    text = " ".join(["word"] * 20)
     resp = await stub.Ingest(pb.IngestRequest(tenant_id="t", documents=[doc("d", text)],
                                               chunking=pb.ChunkingOptions(chunk_tokens=5, overlap_tokens=1)),
                              timeout=10)
@@ -139,13 +151,16 @@ async def test_ingest_stream(serve: Serve) -> None:
     async def batches() -> AsyncIterator[pb.IngestStreamRequest]:
         for i in range(5):
             yield pb.IngestStreamRequest(batch=pb.IngestRequest(tenant_id="t", documents=[
-                doc(f"d{i}-{j}", f"batch {i} document {j} " + "filler " * 10) for j in range(3)
+                doc(f"d{i}-{j}", f"batch {i} document {j} " + "word " * 10) for j in range(3)
             ]))
 
     resp = await stub.IngestStream(batches(), timeout=20)
     assert (resp.documents, resp.chunks) == (15, 15 * 2)
-    hits = await stub.Search(pb.SearchRequest(tenant_id="t", query="batch 3 document 1", top_k=1), timeout=10)
+    # Numbers are where BM25 shines and static embeddings do not (every "batch N document M" looks alike).
+    hits = await stub.Search(pb.SearchRequest(tenant_id="t", query="batch 3 document 1", top_k=1,
+                                              mode=pb.SEARCH_MODE_SPARSE), timeout=10)
     assert hits.hits[0].document_id == "d3-1"
+    assert hits.mode == pb.SEARCH_MODE_SPARSE
 
 
 async def test_empty_ingest_stream_ingests_nothing(serve: Serve) -> None:
@@ -213,7 +228,8 @@ async def test_unreachable_qdrant_is_unavailable_not_a_hang(serve: Serve) -> Non
     stub = await serve(qdrant_url="http://127.0.0.1:1", qdrant_timeout_s=2)
     started = time.monotonic()
     for call in (
-        stub.Search(pb.SearchRequest(tenant_id="t", query="q", top_k=3), timeout=10),
+        *(stub.Search(pb.SearchRequest(tenant_id="t", query="q", top_k=3, mode=mode), timeout=10)
+          for mode in (pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_SPARSE, pb.SEARCH_MODE_HYBRID)),
         stub.Ingest(pb.IngestRequest(tenant_id="t", documents=DOCS), timeout=10),
         stub.DeleteDocuments(pb.DeleteDocumentsRequest(tenant_id="t", document_ids=["a"]), timeout=10),
     ):
@@ -245,3 +261,95 @@ async def test_hanging_qdrant_is_unavailable_within_the_call_timeout(serve: Serv
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_reason(info.value) == "BACKEND_TIMEOUT"
     assert time.monotonic() - started < 2
+
+
+ZOO = [
+    doc("otter", "Sea otters float on their backs and crack shellfish with stones.", kind="mammal"),
+    doc("heron", "A grey heron stands still in the shallow river waiting for fish.", kind="bird"),
+    doc("salmon", "Salmon swim upstream to spawn where they hatched.", kind="fish"),
+]
+
+
+async def test_search_modes(serve: Serve) -> None:
+    stub = await serve()
+    await stub.Ingest(pb.IngestRequest(tenant_id="t", documents=ZOO), timeout=10)
+    await stub.Ingest(pb.IngestRequest(tenant_id="u", documents=[doc("x", "otters otters otters")]), timeout=10)
+    results = {}
+    for mode in (pb.SEARCH_MODE_UNSPECIFIED, pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_SPARSE, pb.SEARCH_MODE_HYBRID):
+        resp = await stub.Search(pb.SearchRequest(tenant_id="t", query="otters", top_k=10, mode=mode), timeout=10)
+        results[mode] = resp
+        assert resp.hits[0].document_id == "otter"
+        assert {h.document_id for h in resp.hits} <= {"otter", "heron", "salmon"}
+    # Unspecified means the default, hybrid; the response says which mode ran.
+    assert results[pb.SEARCH_MODE_UNSPECIFIED].mode == pb.SEARCH_MODE_HYBRID
+    assert [h.chunk_id for h in results[pb.SEARCH_MODE_UNSPECIFIED].hits] == [
+        h.chunk_id for h in results[pb.SEARCH_MODE_HYBRID].hits]
+    assert results[pb.SEARCH_MODE_DENSE].mode == pb.SEARCH_MODE_DENSE
+    # BM25 finds only the chunks with the term; dense ranks all of them; hybrid scores are RRF (2/61 at most).
+    assert [h.document_id for h in results[pb.SEARCH_MODE_SPARSE].hits] == ["otter"]
+    assert len(results[pb.SEARCH_MODE_DENSE].hits) == 6
+    assert results[pb.SEARCH_MODE_HYBRID].hits[0].score == pytest.approx(2 / 61, rel=1e-4)
+    filtered = await stub.Search(pb.SearchRequest(tenant_id="t", query="otters", top_k=10, mode=pb.SEARCH_MODE_SPARSE,
+                                                  metadata_filter={"kind": "bird"}), timeout=10)
+    assert list(filtered.hits) == []
+
+
+async def test_default_model_is_a_static_model_of_its_own_vector_space(serve: Serve, tmp_path: Path) -> None:
+    stub = await serve()
+    await stub.Ingest(pb.IngestRequest(tenant_id="t", documents=ZOO), timeout=10)
+    # Semantic match without shared words: only a real embedding model can do this.
+    resp = await stub.Search(pb.SearchRequest(tenant_id="t", query="a bird near water", top_k=1,
+                                              mode=pb.SEARCH_MODE_DENSE), timeout=10)
+    assert resp.hits[0].document_id == "heron"
+    # The same data folder with another embedder is refused, not silently mixed.
+    other = await serve(embedder="hashing")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await other.Search(pb.SearchRequest(tenant_id="t", query="q", top_k=1), timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(info.value) == "COLLECTION_MISMATCH"
+
+
+async def test_missing_model_stops_the_service_with_a_message(clean_env: None, tmp_path: Path) -> None:
+    settings = RetrievalSettings(port=0, model_dir=str(tmp_path / "nowhere"))  # type: ignore[call-arg]
+    with pytest.raises(SystemExit, match="not prepared"):
+        await build(settings)
+
+
+async def test_ingest_cli_streams_a_corpus_with_a_progress_bar(clean_env: None, tmp_path: Path) -> None:
+    server, close = await start(RetrievalSettings(port=0, data_dir=str(tmp_path)))  # type: ignore[call-arg]
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        await _run_cli(Stub(channel), server.port, tmp_path)
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await close()
+
+
+async def _run_cli(stub: Stub, port: int, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w") as f:
+        for i in range(130):
+            f.write(json.dumps({"_id": f"d{i}", "title": f"Title {i}", "text": f"body of document number {i}",
+                                "metadata": {"n": i}}) + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.retrieval.ingest_cli", "--tenant", "cli", "--jsonl", str(corpus),
+        "--target", f"127.0.0.1:{port}", "--batch", "50",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "ingested 130 documents, 130 chunks" in out.decode()
+    assert "130/130" in err.decode()  # the bar reached the end
+    hits = await stub.Search(pb.SearchRequest(tenant_id="cli", query="Title 42", top_k=1,
+                                              mode=pb.SEARCH_MODE_SPARSE), timeout=10)
+    assert hits.hits[0].document_id == "d42"
+    assert dict(hits.hits[0].metadata) == {"n": "42"}
+    # A malformed corpus fails before anything is sent.
+    corpus.write_text('{"_id": "a", "text": "fine"}\n{"text": "no id"}\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.retrieval.ingest_cli", "--tenant", "cli2", "--jsonl", str(corpus),
+        "--target", f"127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2 and "line 2" in err.decode()
+    empty = await stub.Search(pb.SearchRequest(tenant_id="cli2", query="fine", top_k=1), timeout=10)
+    assert list(empty.hits) == []

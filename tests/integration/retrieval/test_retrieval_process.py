@@ -10,10 +10,18 @@ import pytest
 from tollgate.retrieval.v1 import retrieval_pb2 as pb
 from tollgate.retrieval.v1 import retrieval_pb2_grpc
 
+from libs import static_model as model_setup
 from tests.support.infra import free_port
 from tests.support.procs import ServiceProcess
 
 SECRET = "zanzibar-quokka-lighthouse"
+
+@pytest.fixture(scope="module", autouse=True)
+def retrieval_model() -> None:
+    """The default embedder's model (``make setup`` prepares it; a checkout without it pays the distillation once)."""
+    if not model_setup.is_prepared(model_setup.DEFAULT_DIR):
+        model_setup.distill(model_setup.DEFAULT_DIR)
+
 
 
 def stub_for(proc: ServiceProcess) -> tuple[grpc.Channel, retrieval_pb2_grpc.RetrievalServiceStub]:
@@ -34,7 +42,7 @@ def test_embedded_qdrant_persists_across_restarts(clean_env: None, tmp_path: Pat
             assert resp.documents[0].chunk_count == 1
     finally:
         assert proc.stop() == 0
-    assert (tmp_path / "qdrant").is_dir()
+    assert (tmp_path / "qdrant-edge" / "tollgate_chunks").is_dir()
 
     proc = ServiceProcess("retrieval", port, env, tmp_path).wait_ready()
     try:
@@ -46,7 +54,7 @@ def test_embedded_qdrant_persists_across_restarts(clean_env: None, tmp_path: Pat
         assert proc.stop() == 0
     # Ids and counts only: no document or query text in the logs.
     log = proc.log()
-    assert "search tenant=t top_k=1" in log
+    assert "search tenant=t mode=hybrid top_k=1" in log
     assert SECRET not in log
 
 

@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
+from libs.pg_migrations import migration_files
+from services.router.bootstrap import MIGRATIONS, DefaultModel, apply_migrations, bootstrap
 from services.router.control import ControlPlane
 from services.router.db import create_pool
 from services.router.keys import hash_key
@@ -25,7 +26,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def test_migrations_are_idempotent(database_url: str) -> None:
-    assert await apply_migrations(database_url) == [1]
+    assert await apply_migrations(database_url) == [v for v, _ in migration_files(MIGRATIONS)]
     assert await apply_migrations(database_url) == []
 
 

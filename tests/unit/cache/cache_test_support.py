@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from libs.chat import ChatMessage, GenerationParams, Role
@@ -92,3 +93,26 @@ class TcpProxy:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+def static_model_dir() -> Path:
+    """The semantic tier's embedding model, distilled on first use (cached under the data dir).
+
+    Not skipped when torch is missing: the semantic tests must run wherever the suite runs.
+    """
+    from services.cache.setup_models import ensure_static_model
+
+    return ensure_static_model()
+
+
+def chat_key(*turns: str, tenant: str = "acme", prompt_version: str = "v1", model_class: str = "fast") -> CacheKey:
+    """A conversation: user, assistant, user, ... (the last turn is the user's)."""
+    roles = [Role.USER if i % 2 == 0 else Role.ASSISTANT for i in range(len(turns))]
+    roles = roles[::-1] if len(turns) % 2 == 0 else roles
+    return CacheKey(
+        Namespace(tenant, model_class=model_class, system_prompt_hash="sp", prompt_version=prompt_version),
+        "gpt-x",
+        (ChatMessage(Role.SYSTEM, "Answer briefly."),
+         *(ChatMessage(r, t) for r, t in zip(roles, turns, strict=True))),
+        GenerationParams(temperature=0.0, max_output_tokens=64),
+    )

@@ -220,9 +220,9 @@ async def test_stats_per_tenant_and_overall(cache: ResponseCache) -> None:
     await cache.lookup(make_key("unknown"))
     await cache.store(make_key(tenant="globex"), "Paris.", USAGE)
     await cache.lookup(make_key("unknown", tenant="globex"))
-    assert await cache.stats("acme") == CacheStats(exact_hits=2, misses=1, stores=1)
-    assert await cache.stats("globex") == CacheStats(exact_hits=0, misses=1, stores=1)
-    assert await cache.stats("") == CacheStats(exact_hits=2, misses=2, stores=2)
+    assert await cache.stats("acme") == CacheStats(exact_hits=2, misses=1, stores=1, exact_misses=1)
+    assert await cache.stats("globex") == CacheStats(exact_hits=0, misses=1, stores=1, exact_misses=1)
+    assert await cache.stats("") == CacheStats(exact_hits=2, misses=2, stores=2, exact_misses=2)
     assert await cache.stats("nobody") == CacheStats()
 
 

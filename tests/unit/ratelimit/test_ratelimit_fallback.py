@@ -14,10 +14,12 @@ from redis.backoff import NoBackoff
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, NotFound, QuotaExceeded, Unavailable
 from services.ratelimit.buckets import Bucket, buckets_for
+from services.ratelimit.budgets import BudgetLine, budget_lines_for, window_at
 from services.ratelimit.fallback import LocalLimiter
 from services.ratelimit.limiter import Limiter
-from services.ratelimit.limits import Kind, Level, Limits, Scope, StaticLimitStore, Subject
+from services.ratelimit.limits import Budgets, Kind, Level, Limits, Period, Scope, StaticLimitStore, Subject
 from tests.support.infra import free_port
+from tests.unit.ratelimit.conftest import TcpProxy
 
 MakeLimiter = Callable[..., tuple[Limiter, StaticLimitStore]]
 SUBJECT = Subject("o1", "t1", "k1")
@@ -100,49 +102,6 @@ def test_local_release_and_sweep() -> None:
     clock.now += 120
     local.sweep()
     assert local.usage(buckets)[1].remaining == 1000
-
-
-class TcpProxy:
-    """A loopback TCP proxy to Redis that a test can cut and restore, to make Redis 'go away'."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for w in list(self._writers):
-                w.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
-@pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    p = TcpProxy(port)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 def fast_failing_client(port: int) -> aioredis.Redis:
@@ -250,3 +209,84 @@ def test_local_charge_after_the_bucket_was_pruned() -> None:
     local.sweep()  # full again: forgotten
     assert local.commit(res.reservation_id, 600) == -500
     assert local.usage(buckets)[0].remaining == 500
+
+
+# -- budgets while Redis is down ---------------------------------------------------------------
+
+DAY_MS = 86_400_000
+NOON = 1_741_953_600.0  # 2025-03-14 12:00:00 UTC
+
+
+def team_budget(daily: int) -> list[BudgetLine]:
+    return budget_lines_for([Level(Scope.TEAM, "t1", Limits(), Budgets(daily_nano_usd=daily))])
+
+
+def test_local_budget_share_starts_from_the_spend_last_seen_in_redis() -> None:
+    local = LocalLimiter(replicas=2, clock=FakeClock(), wall_clock=lambda: NOON)
+    lines = team_budget(10_000)
+    window = window_at(Period.DAILY, int(NOON * 1000))
+    local.observe(lines[0], window, 6_000)  # Redis said: 6,000 in use today
+    # This replica's share of what is left: (10,000 - 6,000) // 2 = 2,000.
+    first = local.reserve([], 1, 60, lines, 1_500)
+    assert first.degraded and not first.prefer_cheaper
+    with pytest.raises(QuotaExceeded) as info:
+        local.reserve([], 1, 60, lines, 501)
+    err = info.value
+    assert err.reason == "BUDGET_EXHAUSTED" and [v.subject for v in err.violations] == ["team:t1"]
+    assert "while the rate limit store is unavailable" in err.violations[0].description
+    assert err.retry_after_s == 12 * 3600  # UTC midnight
+    # 6,000 + 2 x 2,000 would reach 10,000 >= 95 %: the cheaper tier is advised.
+    assert local.reserve([], 1, 60, lines, 500).prefer_cheaper
+    local.commit(first.reservation_id, 1, 1_200)
+    [row] = local.usage([], lines)
+    assert (row.limit, row.used, row.reserved) == (10_000, 6_000 + 1_200 + 500, 500)
+    assert local.take_unsynced() == [((Scope.TEAM, "t1", Period.DAILY, window.window_id), 1_200, window.end_ms)]
+    assert local.take_unsynced() == []
+
+
+def test_local_budget_without_a_redis_figure_is_limit_over_replicas() -> None:
+    local = LocalLimiter(replicas=4, clock=FakeClock(), wall_clock=lambda: NOON)
+    lines = team_budget(10_000)
+    local.reserve([], 1, 60, lines, 2_500)
+    with pytest.raises(QuotaExceeded):
+        local.reserve([], 1, 60, lines, 0)  # at this replica's 100 %
+
+
+def test_local_idempotent_reserve() -> None:
+    local = LocalLimiter(clock=FakeClock())
+    buckets = key_buckets(Limits(requests_per_minute=2))
+    a = local.reserve(buckets, 1, 60, request_key="k1:r1")
+    b = local.reserve(buckets, 1, 60, request_key="k1:r1")
+    assert b.reservation_id == a.reservation_id and b.replayed and not a.replayed
+    local.reserve(buckets, 1, 60, request_key="k1:r2")  # the second slot: r1 took only one
+    local.release(a.reservation_id)
+
+
+async def test_budget_spend_made_while_redis_was_down_is_written_back(make_limiter: MakeLimiter,
+                                                                      proxy: TcpProxy) -> None:
+    client = fast_failing_client(proxy.port)
+    try:
+        limiter, _ = make_limiter(budgets={(Scope.TEAM, "t1"): Budgets(daily_nano_usd=10_000)}, client=client,
+                                  fallback=LocalLimiter(replicas=2), redis_retry_s=0.05, redis_timeout_s=0.2)
+        r = await limiter.reserve(SUBJECT, 1, estimated_cost_nano_usd=4_000)
+        await limiter.commit(r.reservation_id, 1, actual_cost_nano_usd=4_000)  # Redis: 4,000 spent
+
+        await proxy.stop()
+        local = await limiter.reserve(SUBJECT, 1, estimated_cost_nano_usd=3_000)  # share: 6,000 // 2
+        assert local.degraded
+        with pytest.raises(QuotaExceeded):
+            await limiter.reserve(SUBJECT, 1, estimated_cost_nano_usd=1)
+        await limiter.commit(local.reservation_id, 1, actual_cost_nano_usd=2_500)
+        usage = await limiter.usage(SUBJECT)
+        assert usage.degraded and usage.rows[0].used == 6_500
+
+        await proxy.start()
+        await asyncio.sleep(0.06)
+        await limiter.sweep_expired()  # the sweeper's tick writes the local spend back
+        usage = await limiter.usage(SUBJECT)
+        assert not usage.degraded
+        assert (usage.rows[0].used, usage.rows[0].reserved) == (6_500, 0)
+        await limiter.sweep_expired()
+        assert (await limiter.usage(SUBJECT)).rows[0].used == 6_500  # written once
+    finally:
+        await client.aclose()

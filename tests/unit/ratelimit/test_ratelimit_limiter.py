@@ -303,7 +303,7 @@ async def test_keys_live_under_the_prefix_and_expire(make_limiter: MakeLimiter, 
                                                       redis_prefix: str) -> None:
     limiter, _ = make_limiter({(Scope.KEY, "k1"): tpm(1000)})
     res = await limiter.reserve(SUBJECT, 100)
-    bucket = f"{redis_prefix}rl:b:key:k1:tpm"
+    bucket = f"{redis_prefix}rl:tb:key:k1:tpm"
     assert await redis_client.exists(bucket, f"{redis_prefix}rl:r:{res.reservation_id}", f"{redis_prefix}rl:exp") == 3
     # Idle buckets vanish about when they would be full again (100 tokens at ~16.7/s = 6 s).
     assert 5_000 < await redis_client.pttl(bucket) <= 7_100
@@ -325,3 +325,32 @@ async def test_expired_caller_deadline_is_deadline_exceeded(make_limiter: MakeLi
         await limiter.reserve(SUBJECT, 1, deadline=Deadline.after(0.001))
     res = await limiter.reserve(SUBJECT, 1, deadline=Deadline.after(2.0))
     assert await limiter.commit(res.reservation_id, 1, deadline=Deadline.after(2.0)) == 0
+
+
+async def test_scripts_are_loaded_when_redis_does_not_know_them(make_limiter: MakeLimiter,
+                                                               redis_client: aioredis.Redis,
+                                                               redis_prefix: str) -> None:
+    # A script text no Redis has seen (its clock key is this test's): the first reserve meets
+    # NOSCRIPT, loads it and goes on.
+    import hashlib
+
+    from services.ratelimit import lua
+
+    scripts = lua.build(lua.key_clock(f"{redis_prefix}clock"))
+    await redis_client.set(f"{redis_prefix}clock", 1_700_000_000_000)
+    sha = hashlib.sha1(scripts.reserve.encode()).hexdigest()
+    assert await redis_client.script_exists(sha) == [False]
+    limiter, _ = make_limiter({(Scope.KEY, "k1"): tpm(1000)}, scripts=scripts)
+    res = await limiter.reserve(SUBJECT, 100)
+    assert res.expires_at == 1_700_000_000 + 120
+    assert await redis_client.script_exists(sha) == [True]
+
+
+async def test_concurrent_calls_share_a_bounded_set_of_connections(make_limiter: MakeLimiter) -> None:
+    limiter, _ = make_limiter({(Scope.KEY, "k1"): tpm(1_000_000)})
+    results = await asyncio.gather(*(limiter.reserve(SUBJECT, 10) for _ in range(200)))
+    assert len({r.reservation_id for r in results}) == 200
+    # Callers beyond the cap waited for a free connection instead of opening more.
+    assert limiter._connections._made <= 32  # private, but the cap is the point of this test
+    await asyncio.gather(*(limiter.commit(r.reservation_id, 5) for r in results))
+    assert await remaining(limiter, SUBJECT, Scope.KEY, Kind.TOKENS_PER_MINUTE) >= 1_000_000 - 1_000

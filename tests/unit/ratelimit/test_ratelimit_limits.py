@@ -9,7 +9,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.ratelimit.limits import Level, Limits, LimitTable, PostgresLimitStore, Scope, Subject, rows_to_table
+from services.ratelimit.budgets import budget_lines_for
+from services.ratelimit.limits import (
+    Budgets,
+    Level,
+    Limits,
+    LimitTable,
+    PostgresLimitStore,
+    Scope,
+    Subject,
+    rows_to_table,
+)
 from services.ratelimit.settings import RateLimitSettings
 
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "router" / "migrations"
@@ -149,3 +159,46 @@ def test_client_ip_rows_match_any_spelling_of_the_address() -> None:
                         (Scope.CLIENT_IP, "::ffff:10.0.0.7"): Limits(requests_per_minute=2)})
     assert table.resolve(Scope.CLIENT_IP, "2001:db8::1") == Limits(requests_per_minute=1)
     assert table.resolve(Scope.CLIENT_IP, "10.0.0.7") == Limits(requests_per_minute=2)
+
+
+def test_budget_resolution() -> None:
+    table = LimitTable(budgets={
+        (Scope.KEY, "k1"): Budgets(daily_nano_usd=100),
+        (Scope.TEAM, "*"): Budgets(monthly_nano_usd=5_000),
+        (Scope.ORG, "o1"): Budgets(0, 0),  # all-zero: no budget, and no fallthrough
+        (Scope.GLOBAL, "*"): Budgets(daily_nano_usd=10_000, monthly_nano_usd=0),
+        (Scope.GLOBAL, ""): Budgets(daily_nano_usd=20_000, monthly_nano_usd=90_000),
+        (Scope.CLIENT_IP, "10.0.0.1"): Budgets(daily_nano_usd=1),  # not a budget level: ignored
+    })
+    levels = table.levels_for(SUBJECT)
+    assert [(lv.scope, lv.budgets) for lv in levels] == [
+        (Scope.KEY, Budgets(daily_nano_usd=100)), (Scope.TEAM, Budgets(monthly_nano_usd=5_000)),
+        (Scope.GLOBAL, Budgets(daily_nano_usd=10_000, monthly_nano_usd=90_000))]
+    lines = budget_lines_for(levels)
+    assert [(b.name, b.limit) for b in lines] == [
+        ("key:k1 daily budget", 100), ("team:t1 monthly budget", 5_000), ("global daily budget", 10_000),
+        ("global monthly budget", 90_000)]
+    # Budgets and limits of one level travel together.
+    both = LimitTable({(Scope.KEY, "k1"): Limits(requests_per_minute=1)},
+                      budgets={(Scope.KEY, "k1"): Budgets(daily_nano_usd=7)})
+    assert both.levels_for(SUBJECT) == [Level(Scope.KEY, "k1", Limits(requests_per_minute=1), Budgets(7, 0))]
+
+
+async def test_postgres_store_loads_budgets_and_picks_up_changes(pool: asyncpg.Pool) -> None:
+    await pool.execute("INSERT INTO budgets (scope, scope_id, daily_nano_usd, monthly_nano_usd)"
+                       " VALUES ('team', 't1', 1000, 0), ('org', 'o1', 0, 50000)")
+    store = PostgresLimitStore(pool, refresh_s=0.05)
+    await store.start()
+    try:
+        got = {lv.scope: lv.budgets for lv in store.levels_for(SUBJECT)}
+        assert got == {Scope.TEAM: Budgets(daily_nano_usd=1000), Scope.ORG: Budgets(monthly_nano_usd=50000)}
+        await pool.execute("UPDATE budgets SET daily_nano_usd = 2000 WHERE scope = 'team'")
+        await pool.execute("INSERT INTO budgets (scope, scope_id, daily_nano_usd) VALUES ('key', 'k1', 5)")
+        for _ in range(100):
+            got = {lv.scope: lv.budgets for lv in store.levels_for(SUBJECT)}
+            if got.get(Scope.TEAM) == Budgets(daily_nano_usd=2000) and Scope.KEY in got:
+                break
+            await asyncio.sleep(0.02)
+        assert got[Scope.TEAM] == Budgets(daily_nano_usd=2000) and got[Scope.KEY] == Budgets(daily_nano_usd=5)
+    finally:
+        await store.close()

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from services.retrieval.embedding import Embedder, HashingEmbedder
 
@@ -68,3 +70,34 @@ def test_inflections_still_match_via_char_ngrams() -> None:
     docs = emb.embed(DOCS)
     scores = docs @ emb.embed(["restarting pod"])[0]
     assert int(np.argmax(scores)) == 4
+
+
+def test_model2vec_embedder_loads_offline_and_ranks_by_meaning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from libs import static_model as model_setup
+    from services.retrieval.embedding import Model2VecEmbedder
+
+    if not model_setup.is_prepared(model_setup.DEFAULT_DIR):
+        if os.environ.get("CI"):
+            pytest.fail("make setup must prepare the retrieval model")
+        pytest.skip("retrieval model not prepared: run `python -m libs.static_model`")
+    # Any attempt to reach the network would fail loudly.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    emb = Model2VecEmbedder(model_setup.DEFAULT_DIR, name=model_setup.MODEL_NAME)
+    assert isinstance(emb, Embedder)
+    assert (emb.name, emb.dim) == ("m2v-minilm-l6-v2-256", 256)
+    out = emb.embed(DOCS)
+    assert out.shape == (len(DOCS), 256) and out.dtype == np.float32
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert emb.embed([]).shape == (0, 256)
+    # Meaning, not shared words: no query below shares a content word with its document.
+    queries = {
+        "settling accounts for our servers": 0,
+        "alpine walk called off due to the weather": 1,
+        "how plants make sugar from light": 2,
+        "coffee maker maintenance": 3,
+        "docker containers rebooting after failed checks": 4,
+    }
+    for query, expected in queries.items():
+        assert int(np.argmax(out @ emb.embed([query])[0])) == expected, query
+    counter = emb.count_tokens
+    assert counter is not None and counter("unbelievably simple", [(0, 12), (13, 19)])[1] == 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,12 @@ from qdrant_client import QdrantClient
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from services.retrieval.chunking import ChunkingOptions
+from services.retrieval.edge_store import EdgeVectorStore
 from services.retrieval.embedding import HashingEmbedder
 from services.retrieval.index import Document, DocumentIndex
-from services.retrieval.store import ChunkFilter, QdrantVectorStore, point_id
+from services.retrieval.rerank import Reranker
+from services.retrieval.sparse import Bm25Encoder
+from services.retrieval.store import RRF_K, ChunkFilter, QdrantVectorStore, SearchMode, VectorStore, point_id
 
 T = "tenant-a"
 
@@ -25,24 +28,26 @@ def make_store(path: Path | None = None, *, url: str = "", dim: int = 384, timeo
                                     call_timeout_s=timeout_s)
 
 
-def make_index(store: QdrantVectorStore, dim: int = 384) -> DocumentIndex:
-    return DocumentIndex(HashingEmbedder(dim), store, default_chunking=ChunkingOptions(8, 2))
+def make_index(store: VectorStore, dim: int = 384, reranker: Reranker | None = None) -> DocumentIndex:
+    return DocumentIndex(HashingEmbedder(dim), store, default_chunking=ChunkingOptions(8, 2), sparse=Bm25Encoder(),
+                         reranker=reranker)
 
 
-@pytest.fixture
-async def store() -> AsyncIterator[QdrantVectorStore]:
-    s = make_store()
+@pytest.fixture(params=["edge", "local"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[VectorStore]:
+    """Every behaviour holds on both embedded engines (Qdrant Edge, the default, and qdrant-client local mode)."""
+    s: VectorStore = EdgeVectorStore(None, dim=384) if request.param == "edge" else make_store()
     await s.start(Deadline.after(5))
     yield s
     await s.close()
 
 
 @pytest.fixture
-def index(store: QdrantVectorStore) -> DocumentIndex:
+def index(store: VectorStore) -> DocumentIndex:
     return make_index(store)
 
 
-async def total(store: QdrantVectorStore, tenant: str = T) -> int:
+async def total(store: VectorStore, tenant: str = T) -> int:
     return await store.count(ChunkFilter(tenant), Deadline.after(5))
 
 
@@ -57,7 +62,7 @@ DOCS = [
 ]
 
 
-async def test_ingest_search_delete_roundtrip(index: DocumentIndex, store: QdrantVectorStore) -> None:
+async def test_ingest_search_delete_roundtrip(index: DocumentIndex, store: VectorStore) -> None:
     ingested = await index.ingest(T, [*DOCS, Document("long", words("x", 20), {"team": "x"})])
     assert [(d.document_id, d.chunk_count) for d in ingested] == [
         ("billing", 2), ("hiking", 2), ("coffee", 2), ("long", 3)]
@@ -81,7 +86,7 @@ async def test_ingest_search_delete_roundtrip(index: DocumentIndex, store: Qdran
     assert await total(store) == 7
 
 
-async def test_reingest_is_idempotent(index: DocumentIndex, store: QdrantVectorStore) -> None:
+async def test_reingest_is_idempotent(index: DocumentIndex, store: VectorStore) -> None:
     doc = Document("d", words("w", 30), {"v": "1"})
     first = await index.ingest(T, [doc])
     second = await index.ingest(T, [doc])
@@ -89,7 +94,7 @@ async def test_reingest_is_idempotent(index: DocumentIndex, store: QdrantVectorS
     assert await total(store) == first[0].chunk_count == 5
 
 
-async def test_shorter_new_version_leaves_no_stale_chunks(index: DocumentIndex, store: QdrantVectorStore) -> None:
+async def test_shorter_new_version_leaves_no_stale_chunks(index: DocumentIndex, store: VectorStore) -> None:
     await index.ingest(T, [Document("d", words("old", 40)), Document("other", words("keep", 10))])
     assert await total(store) == 7 + 2
     [new] = await index.ingest(T, [Document("d", "a brand new short version", {"v": "2"})])
@@ -106,7 +111,7 @@ async def test_chunking_override(index: DocumentIndex) -> None:
     assert doc.chunk_count == 5
 
 
-async def test_same_document_id_in_two_tenants_is_two_documents(index: DocumentIndex, store: QdrantVectorStore) -> None:
+async def test_same_document_id_in_two_tenants_is_two_documents(index: DocumentIndex, store: VectorStore) -> None:
     await index.ingest("a", [Document("d", words("alpha", 30))])
     await index.ingest("b", [Document("d", "tiny")])  # must not trim tenant a's chunks of "d"
     assert await total(store, "a") == 5
@@ -225,3 +230,151 @@ async def test_slow_open_is_unavailable_then_ready_without_starting_over() -> No
     assert await index.search(T, "q", 3) == []
     assert opened == [1]
     await store.close()
+
+
+# -- search modes, fusion, BM25 ------------------------------------------------------------------
+
+ZOO = [
+    Document("otter", "Sea otters float on their backs and crack shellfish with stones."),
+    Document("heron", "A grey heron stands still in the shallow river waiting for fish."),
+    Document("otter-river", "River otters hunt fish in cold streams at dawn."),
+    Document("falcon", "Peregrine falcons dive faster than any other bird."),
+    Document("salmon", "Salmon swim upstream to spawn where they hatched."),
+]
+
+
+async def test_sparse_mode_returns_only_chunks_sharing_a_term(index: DocumentIndex) -> None:
+    await index.ingest(T, ZOO)
+    hits = await index.search(T, "otters eating fish", top_k=10, mode=SearchMode.SPARSE)
+    # Stemming: "otters" matches "otters", "fish" matches "fish"; falcon shares no term.
+    assert {h.document_id for h in hits} == {"otter", "heron", "otter-river"}
+    assert hits[0].document_id == "otter-river"  # both terms
+    assert all(h.score > 0 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Dense mode ranks every chunk of the tenant (cosine), up to top_k.
+    dense = await index.search(T, "otters eating fish", top_k=20, mode=SearchMode.DENSE)
+    assert {h.document_id for h in dense} == {d.document_id for d in ZOO}
+
+
+async def test_hybrid_is_reciprocal_rank_fusion_with_k_60(index: DocumentIndex) -> None:
+    await index.ingest(T, [*ZOO, *(Document(f"filler-{i}", f"birds and fish number {i} swim or fly") for i in
+                                   range(12))])
+    query = "river otters fish"
+    dense = await index.search(T, query, top_k=100, mode=SearchMode.DENSE)
+    sparse = await index.search(T, query, top_k=100, mode=SearchMode.SPARSE)
+    hybrid = await index.search(T, query, top_k=100, mode=SearchMode.HYBRID)
+    expected: dict[str, float] = {}
+    for ranking in (dense, sparse):
+        for rank, hit in enumerate(ranking, start=1):
+            expected[hit.chunk_id] = expected.get(hit.chunk_id, 0.0) + 1.0 / (RRF_K + rank)
+    assert {h.chunk_id for h in hybrid} == set(expected)
+    for hit in hybrid:
+        assert hit.score == pytest.approx(expected[hit.chunk_id], rel=1e-5), hit.chunk_id
+    assert [h.score for h in hybrid] == sorted((h.score for h in hybrid), reverse=True)
+    # The chunk both retrievers rank first gets 2 / (60 + 1).
+    assert dense[0].chunk_id == sparse[0].chunk_id == hybrid[0].chunk_id
+    assert hybrid[0].score == pytest.approx(2 / 61, rel=1e-5)
+
+
+async def test_stop_word_query_falls_back_to_dense_in_hybrid(index: DocumentIndex) -> None:
+    await index.ingest(T, ZOO)
+    assert await index.search(T, "the of and", top_k=3, mode=SearchMode.SPARSE) == []
+    hits = await index.search(T, "the of and", top_k=3, mode=SearchMode.HYBRID)
+    assert len(hits) == 3
+
+
+async def test_bm25_statistics_are_per_tenant(index: DocumentIndex) -> None:
+    """Another tenant's documents never move a tenant's BM25 scores (IDF over the tenant's own chunks)."""
+    await index.ingest(T, ZOO)
+    before = [(h.chunk_id, h.score) for h in await index.search(T, "otters fish", 10, mode=SearchMode.SPARSE)]
+    await index.ingest("tenant-b", [Document(f"b{i}", "otters otters fish fish everywhere") for i in range(30)])
+    after = [(h.chunk_id, h.score) for h in await index.search(T, "otters fish", 10, mode=SearchMode.SPARSE)]
+    assert after == before
+    # The tenant's own new documents do change them (IDF is live), so the check above could fail.
+    await index.ingest(T, [Document(f"more{i}", "fish market") for i in range(5)])
+    again = dict((h.chunk_id, h.score) for h in await index.search(T, "otters fish", 10, mode=SearchMode.SPARSE))
+    assert again["otter-river#0"] != dict(before)["otter-river#0"]
+
+
+class ReverseReranker:
+    """Puts the fused candidates in reverse order; records what it saw."""
+
+    def __init__(self, candidates: int) -> None:
+        self._candidates = candidates
+        self.seen: list[list[str]] = []
+
+    @property
+    def candidates(self) -> int:
+        return self._candidates
+
+    def rerank(self, query: str, texts: Sequence[str]) -> list[tuple[int, float]]:
+        self.seen.append(list(texts))
+        n = len(texts)
+        return [(i, float(n - j)) for j, i in enumerate(reversed(range(n)))] + [(99, 1.0), (0, 0.5)]
+
+
+async def test_reranker_reorders_the_fused_candidates(store: VectorStore) -> None:
+    reranker = ReverseReranker(candidates=4)
+    index = make_index(store, reranker=reranker)
+    plain = make_index(store)
+    await index.ingest(T, ZOO)
+    await index.ingest("other", [Document("x", "otters otters otters fish")])
+    fused = await plain.search(T, "otters fish", top_k=4)
+    reranked = await index.search(T, "otters fish", top_k=2)
+    # The reranker saw the tenant's 4 best fused candidates, and its order (and scores) won.
+    assert reranker.seen == [[h.text for h in fused]]
+    assert [h.chunk_id for h in reranked] == [fused[3].chunk_id, fused[2].chunk_id]
+    assert [h.score for h in reranked] == [4.0, 3.0]
+    # Invented or repeated positions are ignored: every candidate comes back once.
+    every = await index.search(T, "otters fish", top_k=50)
+    assert sorted(h.chunk_id for h in every) == sorted(h.chunk_id for h in await plain.search(T, "otters fish", 50))
+
+
+# -- the embedded default engine (Qdrant Edge) -------------------------------------------------------
+
+async def test_edge_store_persists_on_disk(tmp_path: Path) -> None:
+    store = EdgeVectorStore(tmp_path / "edge", dim=384)
+    await make_index(store).ingest(T, DOCS)
+    await store.close()
+    reopened = EdgeVectorStore(tmp_path / "edge", dim=384)
+    try:
+        hits = await make_index(reopened).search(T, "hiking in the snow", top_k=1)
+        assert hits[0].document_id == "hiking"
+        assert await total(reopened) == 6
+    finally:
+        await reopened.close()
+
+
+async def test_edge_store_opened_twice_is_unavailable(tmp_path: Path) -> None:
+    owner = EdgeVectorStore(tmp_path / "edge", dim=384)
+    await owner.start(Deadline.after(5))
+    try:
+        other = EdgeVectorStore(tmp_path / "edge", dim=384)
+        with pytest.raises(Unavailable) as info:
+            await make_index(other).search(T, "anything", 3)
+        assert info.value.reason == "BACKEND_ERROR"
+    finally:
+        await owner.close()
+
+
+@pytest.mark.parametrize(("dim", "name"), [(64, "dense"), (384, "dense-other-model")])
+async def test_edge_store_made_by_another_embedder_is_failed_precondition(tmp_path: Path, dim: int,
+                                                                         name: str) -> None:
+    store = EdgeVectorStore(tmp_path / "edge", dim=384)
+    await store.start(Deadline.after(5))
+    await store.close()
+    other = EdgeVectorStore(tmp_path / "edge", dim=dim, dense_vector=name)
+    try:
+        with pytest.raises(FailedPrecondition):
+            await make_index(other, dim=dim).search(T, "anything", 3)
+    finally:
+        await other.close()
+
+
+async def test_in_memory_edge_store_leaves_nothing_behind() -> None:
+    store = EdgeVectorStore(None, dim=384)
+    await make_index(store).ingest(T, DOCS)
+    folder = store._client.temp_dir if store._client else None
+    assert folder is not None and folder.is_dir()
+    await store.close()
+    assert not folder.exists()

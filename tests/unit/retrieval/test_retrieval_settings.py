@@ -35,3 +35,20 @@ def test_overlap_must_be_smaller_than_chunk(clean_env: None, monkeypatch: pytest
     monkeypatch.setenv("TOLLGATE_RETRIEVAL_OVERLAP_TOKENS", "64")
     with pytest.raises(SettingsError):
         load_settings(RetrievalSettings)
+
+
+def test_retrieval_defaults_and_engine_choice(clean_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    s = load_settings(RetrievalSettings)
+    assert (s.embedded_engine, s.embedder, s.default_search_mode, s.prefetch_limit) == (
+        "edge", "model2vec", "hybrid", 100)
+    assert (s.bm25_k, s.bm25_b, s.bm25_avg_len) == (1.2, 0.75, 256.0)
+    assert s.edge_path is None
+    monkeypatch.setenv("TOLLGATE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TOLLGATE_RETRIEVAL_EMBEDDER", "hashing")
+    monkeypatch.setenv("TOLLGATE_RETRIEVAL_DEFAULT_SEARCH_MODE", "dense")
+    s = load_settings(RetrievalSettings)
+    assert s.edge_path == tmp_path / "qdrant-edge" / "tollgate_chunks"
+    assert (s.embedder, s.default_search_mode) == ("hashing", "dense")
+    monkeypatch.setenv("TOLLGATE_RETRIEVAL_EMBEDDER", "bert-large")
+    with pytest.raises(SettingsError):
+        load_settings(RetrievalSettings)

@@ -19,6 +19,7 @@ from libs.chat import (
 )
 from libs.deadlines import Deadline
 from libs.errors import InvalidArgument, PermissionDenied, QuotaExceeded, QuotaViolation, Unavailable
+from libs.rag_context import ContextChunk
 from services.router.gateway import (
     CachedAnswer,
     CacheNamespace,
@@ -26,6 +27,7 @@ from services.router.gateway import (
     Gateway,
     GenerateCommand,
     Reservation,
+    RetrievalPolicy,
     Summary,
 )
 from services.router.keys import KeyRecord
@@ -46,7 +48,8 @@ class MemoryCache:
         return ns.tenant_id, "|".join(m.content for m in messages)
 
     async def lookup(self, ns: CacheNamespace, model: str, messages: list[ChatMessage], params: GenerationParams,
-                     *, max_age_s: int, allow_stale: bool, exact_only: bool, deadline: Deadline) -> CachedAnswer | None:
+                     *, max_age_s: int, allow_stale: bool, exact_only: bool, deadline: Deadline,
+                     price: Price | None = None) -> CachedAnswer | None:
         if self.down:
             raise Unavailable("cache down")
         key = self._key(ns, messages)
@@ -90,6 +93,7 @@ class ScriptedInference:
     def __init__(self, modes: dict[str, str]) -> None:
         self.modes = modes
         self.calls: list[str] = []
+        self.prompts: list[list[ChatMessage]] = []
 
     def order(self, targets: Sequence[str]) -> list[str]:
         return [t for t in targets if self.modes.get(t) != "open"]
@@ -104,6 +108,13 @@ class ScriptedInference:
             while True:
                 yield GenerationChunk(delta="word ")
                 await asyncio.sleep(0.01)
+        self.prompts.append(messages)
+        if any(m.role is Role.SYSTEM and "Sources:" in m.content for m in messages):
+            for word in ("Paris ", "is ", "the capital [2]."):
+                yield GenerationChunk(delta=word)
+            yield GenerationChunk(usage=TokenUsage(50, 3, 0), finish_reason=FinishReason.STOP, model=model,
+                                  provider="fake")
+            return
         for word in ("Paris ", "is ", "the capital."):
             yield GenerationChunk(delta=word)
         yield GenerationChunk(usage=TokenUsage(10, 3, 0), finish_reason=FinishReason.STOP, model=model,
@@ -271,3 +282,53 @@ async def test_auto_picks_the_cheap_tier() -> None:
     gw, *_ = _gateway({"t-backup": "ok"})
     _, s = await _run(gw, _cmd("auto"))
     assert s.model == "backup"
+
+
+class FakeRetrieval:
+    def __init__(self, *, down: bool = False) -> None:
+        self.down = down
+        self.queries: list[tuple[str, str]] = []
+
+    async def search(self, tenant_id: str, query: str, top_k: int, deadline: Deadline) -> list[ContextChunk]:
+        self.queries.append((tenant_id, query))
+        if self.down:
+            raise Unavailable("retrieval down", reason="UNAVAILABLE")
+        return [ContextChunk("doc1#0", "doc1", "Paris is the capital of France.", 0.9),
+                ContextChunk("doc2#3", "doc2", "France is in Europe.", 0.5)]
+
+
+def _rag_gateway(retrieval: FakeRetrieval) -> tuple[Gateway, ScriptedInference]:
+    inference = ScriptedInference({"t-primary": "ok"})
+    gw = Gateway(registry=_registry(PRIMARY, BACKUP), cache=MemoryCache(), ratelimit=MemoryLimiter(),
+                 inference=inference, usage=Ledger(), default_max_output_tokens=100, side_call_timeout_s=0.5,
+                 retrieval=retrieval)
+    return gw, inference
+
+
+async def test_retrieval_adds_sources_after_system_messages_and_returns_citations() -> None:
+    retrieval = FakeRetrieval()
+    gw, inference = _rag_gateway(retrieval)
+    messages = [ChatMessage(Role.SYSTEM, "Be brief."), ChatMessage(Role.USER, "capital of France?")]
+    cmd = GenerateCommand(model="primary", params=GenerationParams(temperature=0.0), messages=messages,
+                          retrieval=RetrievalPolicy(enabled=True))
+    _, s = await _run(gw, cmd)
+    assert retrieval.queries == [("org1", "capital of France?")]  # the key's tenant, never the caller's word
+    prompt = inference.prompts[0]
+    assert [m.role for m in prompt] == [Role.SYSTEM, Role.SYSTEM, Role.USER]
+    assert "[1]" in prompt[1].content and "Paris is the capital of France." in prompt[1].content
+    # Best chunk first, second best last: label 2 is doc2#3.
+    assert s.cited_chunk_ids == ["doc2#3"] and not s.degraded
+
+
+async def test_optional_retrieval_down_answers_without_context_marked_degraded() -> None:
+    gw, inference = _rag_gateway(FakeRetrieval(down=True))
+    _, s = await _run(gw, _cmd(retrieval=RetrievalPolicy(enabled=True)))
+    assert "retrieval_unavailable" in s.degraded_reasons and s.cited_chunk_ids == []
+    assert len(inference.prompts[0]) == 1
+
+
+async def test_required_retrieval_down_is_unavailable() -> None:
+    gw, inference = _rag_gateway(FakeRetrieval(down=True))
+    with pytest.raises(Unavailable, match="retrieval is required"):
+        await _run(gw, _cmd(retrieval=RetrievalPolicy(enabled=True, required=True)))
+    assert not inference.calls

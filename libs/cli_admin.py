@@ -1,0 +1,373 @@
+"""Admin subcommands of ``tollgate``: keys, audit, cost report, reconciliation.
+
+They talk to a running router's AdminService with an admin key (``TOLLGATE_ADMIN_KEY`` or
+``--admin-key-file``; never a command-line argument, where ``ps`` would show it), and
+``reconcile`` also to the ratelimit service. ``report`` can instead read the ledger straight
+from PostgreSQL (``--database-url``), e.g. while the router is down.
+
+Registered in ``libs/cli.py`` by ``register(sub)``; also runnable as ``python -m libs.cli_admin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from tollgate.common.v1 import common_pb2
+from tollgate.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+from tollgate.router.v1 import admin_pb2, admin_pb2_grpc
+
+from libs.chat import Principal
+from libs.grpc_errors import domain_error_from_rpc
+
+DEFAULT_ROUTER = "127.0.0.1:50051"
+DEFAULT_RATELIMIT = "127.0.0.1:50053"
+CALL_TIMEOUT_S = 30.0
+
+_SCOPE_NAME = {common_pb2.LIMIT_SCOPE_GLOBAL: "global", common_pb2.LIMIT_SCOPE_ORG: "org",
+               common_pb2.LIMIT_SCOPE_TEAM: "team", common_pb2.LIMIT_SCOPE_KEY: "key"}
+_PERIOD = {ratelimit_pb2.LIMIT_KIND_BUDGET_DAILY_NANO_USD: "day",
+           ratelimit_pb2.LIMIT_KIND_BUDGET_MONTHLY_NANO_USD: "month"}
+_PERIOD_KIND = {v: k for k, v in _PERIOD.items()}
+_SCOPE_PROTO = {v: k for k, v in _SCOPE_NAME.items()}
+_GROUP = {"org": admin_pb2.USAGE_GROUP_BY_ORG, "team": admin_pb2.USAGE_GROUP_BY_TEAM,
+          "key": admin_pb2.USAGE_GROUP_BY_KEY, "model": admin_pb2.USAGE_GROUP_BY_MODEL,
+          "day": admin_pb2.USAGE_GROUP_BY_DAY}
+_ROLE = {"member": admin_pb2.KEY_ROLE_MEMBER, "admin": admin_pb2.KEY_ROLE_ADMIN}
+_ROLE_NAME = {v: k for k, v in _ROLE.items()}
+
+
+class CliError(Exception):
+    """A problem to report in one line (exit code 2), not a traceback."""
+
+
+def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def _dt(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(UTC)
+
+
+def admin_key(args: argparse.Namespace) -> str:
+    path: Path | None = getattr(args, "admin_key_file", None)
+    key = path.read_text().strip() if path else os.environ.get("TOLLGATE_ADMIN_KEY", "").strip()
+    if not key:
+        raise CliError("an admin key is needed: set TOLLGATE_ADMIN_KEY or pass --admin-key-file")
+    return key
+
+
+class AdminApi:
+    """AdminService as the report's ``UsageSource`` and the reconciliation's ``LedgerSource``."""
+
+    def __init__(self, channel: grpc.aio.Channel, key: str):
+        self.stub = admin_pb2_grpc.AdminServiceStub(channel)
+        self._md = (("authorization", f"Bearer {key}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        return await getattr(self.stub, method)(request, metadata=self._md, timeout=CALL_TIMEOUT_S)
+
+    async def usage_report(self, start: datetime, end: datetime, group_by: list[str]) -> list[Any]:
+        from services.router.control import UsageRow
+
+        resp = await self.call("GetUsageReport", admin_pb2.GetUsageReportRequest(
+            start_time=_ts(start), end_time=_ts(end), group_by=[_GROUP[g] for g in group_by]))
+        return [UsageRow(tuple(r.group_values), r.requests, r.input_tokens, r.output_tokens, r.cached_input_tokens,
+                         r.cost_nano_usd, r.saved_nano_usd, r.cache_hits, r.errors, r.cancelled) for r in resp.rows]
+
+    async def list_teams(self, org_id: str) -> list[Any]:
+        from services.router.control import Team
+
+        resp = await self.call("ListTeams", admin_pb2.ListTeamsRequest(org_id=org_id))
+        return [Team(t.team_id, t.org_id, t.name, _dt(t.created_at)) for t in resp.teams]
+
+    async def list_keys(self, org_id: str, team_id: str) -> list[Any]:
+        from services.router.control import KeyListing
+        from services.router.keys import KeyRecord
+
+        resp = await self.call("ListKeys", admin_pb2.ListKeysRequest(org_id=org_id, team_id=team_id))
+        return [KeyListing(
+            KeyRecord(k.key_id, Principal(k.principal.org_id, k.principal.team_id, k.key_id),
+                      _ROLE_NAME.get(k.role, "member"), tuple(k.allowed_models),
+                      _dt(k.expires_at) if k.HasField("expires_at") else None, k.revoked),
+            k.name, k.display_prefix, _dt(k.created_at), _dt(k.revoked_at) if k.HasField("revoked_at") else None)
+            for k in resp.keys]
+
+
+class RateLimitCounters:
+    """The ratelimit service's budget counters, read with GetUsage per principal (the reconciliation's
+    ``CounterSource``)."""
+
+    def __init__(self, channel: grpc.aio.Channel, concurrency: int = 8):
+        self._stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+        self._sem = asyncio.Semaphore(concurrency)
+
+    async def _one(self, p: Principal) -> Any:
+        async with self._sem:
+            return await self._stub.GetUsage(ratelimit_pb2.GetUsageRequest(subject=ratelimit_pb2.Subject(
+                principal=common_pb2.Principal(org_id=p.org_id, team_id=p.team_id, key_id=p.key_id))),
+                timeout=CALL_TIMEOUT_S)
+
+    async def spend_counters(self, principals: list[Principal]) -> list[Any]:
+        from services.router.reconcile import SpendCounter
+
+        out: dict[tuple[str, str, str], SpendCounter] = {}
+        for resp in await asyncio.gather(*(self._one(p) for p in principals)):
+            if resp.degraded:
+                raise CliError("the ratelimit service answers from its local fallback (Redis unavailable): "
+                               "its counters are not the shared ones; try again later")
+            for u in resp.usages:
+                if u.kind in _PERIOD and u.scope in _SCOPE_NAME:
+                    scope = _SCOPE_NAME[u.scope]
+                    # `used` includes what outstanding reservations hold; the ledger only has settled spend.
+                    out[(scope, u.scope_id, _PERIOD[u.kind])] = SpendCounter(
+                        scope, "" if scope == "global" else u.scope_id, _PERIOD[u.kind], u.used - u.reserved,
+                        u.limit, u.reserved, _dt(u.window_start) if u.HasField("window_start") else None)
+        return list(out.values())
+
+    async def raise_to_ledger(self, scope: str, scope_id: str, period: str, window_start: datetime,
+                              ledger_nano_usd: int) -> int:
+        resp = await self._stub.ReconcileSpend(ratelimit_pb2.ReconcileSpendRequest(
+            scope=_SCOPE_PROTO[scope], scope_id=scope_id, kind=_PERIOD_KIND[period], window_time=_ts(window_start),
+            ledger_spent_nano_usd=ledger_nano_usd), timeout=CALL_TIMEOUT_S)
+        spent: int = resp.spent_nano_usd
+        return spent
+
+
+# --- commands --------------------------------------------------------------------------------
+
+async def _with_admin(args: argparse.Namespace, body: Callable[[AdminApi], Awaitable[int]]) -> int:
+    key = admin_key(args)
+    async with grpc.aio.insecure_channel(args.router) as channel:
+        return await body(AdminApi(channel, key))
+
+
+async def _key_create(args: argparse.Namespace) -> int:
+    from services.router.keys import HASH_RATIONALE
+
+    async def body(api: AdminApi) -> int:
+        expires = (_ts(datetime.now(UTC) + timedelta(days=args.expires_in_days)) if args.expires_in_days else None)
+        resp = await api.call("CreateKey", admin_pb2.CreateKeyRequest(
+            org_id=args.org, team_id=args.team, name=args.name, role=_ROLE[args.role],
+            allowed_models=args.model or [], expires_at=expires))
+        print(f"key id : {resp.key_id}")
+        print(f"key    : {resp.key}")
+        print()
+        print(f"Copy the key now: it is shown once. Stored only as {resp.hash_algorithm or 'sha256'}.")
+        print(resp.hash_rationale or HASH_RATIONALE)
+        return 0
+
+    return await _with_admin(args, body)
+
+
+async def _key_revoke(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        await api.call("RevokeKey", admin_pb2.RevokeKeyRequest(key_id=args.key_id))
+        print(f"revoked {args.key_id}: every router rejects it within 1 s")
+        return 0
+
+    return await _with_admin(args, body)
+
+
+async def _key_list(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        resp = await api.call("ListKeys", admin_pb2.ListKeysRequest(org_id=args.org or "", team_id=args.team or ""))
+        print(f"{'key id':<22} {'name':<24} {'role':<7} {'prefix':<11} {'team':<22} state")
+        for k in resp.keys:
+            state = "revoked" if k.revoked else "active"
+            print(f"{k.key_id:<22} {k.name[:24]:<24} {_ROLE_NAME.get(k.role, '?'):<7} {k.display_prefix:<11} "
+                  f"{k.principal.team_id:<22} {state}")
+        return 0
+
+    return await _with_admin(args, body)
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        resp = await api.call("ListAuditEvents", admin_pb2.ListAuditEventsRequest(
+            limit=args.limit, target=args.target or "", action=args.action or ""))
+        for e in resp.events:
+            print(f"{_dt(e.time):%Y-%m-%d %H:%M:%S} #{e.id} {e.actor_key_id} {e.action} {e.target}")
+            print(f"    before: {e.before_json or '-'}")
+            print(f"    after : {e.after_json or '-'}")
+        return 0
+
+    return await _with_admin(args, body)
+
+
+def _report_range(args: argparse.Namespace) -> tuple[datetime, datetime]:
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    end = (datetime.combine(date.fromisoformat(args.end), datetime.min.time(), UTC) + timedelta(days=1)
+           if args.end else today + timedelta(days=1))
+    start = (datetime.combine(date.fromisoformat(args.start), datetime.min.time(), UTC) if args.start
+             else end - timedelta(days=args.days))
+    if end <= start:
+        raise CliError("--end must not be before --start")
+    return start, end
+
+
+async def _collect_report(args: argparse.Namespace) -> Any:
+    from services.router.reporting import collect
+
+    start, end = _report_range(args)
+    if args.database_url:
+        from services.router.control import ControlPlane
+        from services.router.db import create_pool
+
+        pool = await create_pool(args.database_url)
+        try:
+            report = await collect(ControlPlane(pool), start, end, top_keys=args.top)
+        finally:
+            await pool.close()
+    else:
+        async def body(api: AdminApi) -> Any:
+            return await collect(api, start, end, top_keys=args.top)
+
+        key = admin_key(args)
+        async with grpc.aio.insecure_channel(args.router) as channel:
+            report = await body(AdminApi(channel, key))
+    return report
+
+
+def _report(args: argparse.Namespace) -> int:
+    from services.router.reporting import render_html, usd
+
+    report = asyncio.run(_collect_report(args))
+    page = render_html(report)
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    print(f"wrote {out} ({len(page) // 1024} KiB): {report.totals.requests:,} requests, "
+          f"spent {usd(report.totals.cost_nano_usd)}, saved {usd(report.totals.saved_nano_usd)} by the cache")
+    return 0
+
+
+async def _reconcile(args: argparse.Namespace) -> int:
+    from services.router.reconcile import reconcile
+
+    key = admin_key(args)
+    async with grpc.aio.insecure_channel(args.router) as router, grpc.aio.insecure_channel(args.ratelimit) as rl:
+        result = await reconcile(AdminApi(router, key), RateLimitCounters(rl),
+                                 tolerance_nano_usd=args.tolerance_nano_usd, fix=args.fix)
+    print(result.to_json() if args.json else result.render_text())
+    # Non-zero when the books disagree, so a cron job or CI step can alert on it.
+    return 1 if result.differences else 0
+
+
+# --- wiring ----------------------------------------------------------------------------------
+
+def _connection_args(p: argparse.ArgumentParser, *, ratelimit: bool = False) -> None:
+    p.add_argument("--router", default=os.environ.get("TOLLGATE_ROUTER_ADDRESS", DEFAULT_ROUTER),
+                   help="router address (env TOLLGATE_ROUTER_ADDRESS; default %(default)s)")
+    p.add_argument("--admin-key-file", type=Path,
+                   help="file holding an admin key (default: the TOLLGATE_ADMIN_KEY environment variable)")
+    if ratelimit:
+        p.add_argument("--ratelimit", default=os.environ.get("TOLLGATE_ROUTER_RATELIMIT_TARGET", DEFAULT_RATELIMIT),
+                       help="ratelimit service address (env TOLLGATE_ROUTER_RATELIMIT_TARGET; default %(default)s)")
+
+
+def _run(command: Callable[[argparse.Namespace], Awaitable[int] | int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            result = command(args)
+            return result if isinstance(result, int) else asyncio.run(_awaited(result))
+        except CliError as exc:
+            print(f"tollgate: {exc}", file=sys.stderr)
+            return 2
+        except grpc.aio.AioRpcError as exc:
+            error = domain_error_from_rpc(exc)
+            fields = "".join(f"\n  {v.field}: {v.description}" for v in getattr(error, "violations", []))
+            print(f"tollgate: {exc.code().name}: {exc.details()}{fields}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+async def _awaited(result: Awaitable[int]) -> int:
+    return await result
+
+
+KEY_HELP = ("Virtual keys (org > team > key). A key is shown once, at creation, and stored only as its "
+            "SHA-256 digest: keys are 256 random bits, so a leaked digest cannot be brute-forced, and salts or "
+            "slow password hashes (bcrypt, argon2), which protect guessable human passwords, would only slow "
+            "down every request.")
+
+
+def register(sub: Any) -> None:
+    """Add the admin subcommands to ``tollgate``'s subparsers."""
+    key = sub.add_parser("key", help="create, revoke and list virtual keys", description=KEY_HELP)
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    create = key_sub.add_parser("create", help="create a key (printed once)", description=KEY_HELP)
+    _connection_args(create)
+    create.add_argument("--org", required=True, help="org id")
+    create.add_argument("--team", required=True, help="team id (must belong to the org)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", choices=sorted(_ROLE), default="member",
+                        help="admin keys may call AdminService; members only generate (default %(default)s)")
+    create.add_argument("--model", action="append", help="allowed model (repeat); default: every model")
+    create.add_argument("--expires-in-days", type=float, default=0.0)
+    create.set_defaults(func=_run(_key_create))
+    revoke = key_sub.add_parser("revoke", help="revoke a key (every router rejects it within 1 s)")
+    _connection_args(revoke)
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=_run(_key_revoke))
+    listing = key_sub.add_parser("list", help="list keys (never their secrets)")
+    _connection_args(listing)
+    listing.add_argument("--org")
+    listing.add_argument("--team")
+    listing.set_defaults(func=_run(_key_list))
+
+    audit = sub.add_parser("audit", help="recent control-plane changes: who, what, before and after")
+    _connection_args(audit)
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--target", help="only this target (key id, model, 'team:<id>', ...)")
+    audit.add_argument("--action", help="only this action (create_key, revoke_key, set_price, ...)")
+    audit.set_defaults(func=_run(_audit))
+
+    report = sub.add_parser("report", help="render a cost report as a self-contained HTML page",
+                            description="Spend by team and model over time, cache savings and the top keys, "
+                                        "from the usage ledger, with charts embedded in one HTML file.")
+    _connection_args(report)
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="output file (default %(default)s)")
+    report.add_argument("--days", type=int, default=30, help="days up to --end (default %(default)s)")
+    report.add_argument("--start", help="first day, YYYY-MM-DD (UTC)")
+    report.add_argument("--end", help="last day, YYYY-MM-DD (UTC), inclusive; default today")
+    report.add_argument("--top", type=int, default=10, help="how many keys to list (default %(default)s)")
+    report.add_argument("--database-url", help="read the ledger from this PostgreSQL database instead of the router")
+    report.set_defaults(func=_run(_report))
+
+    rec = sub.add_parser("reconcile", help="compare ledger totals with the ratelimit service's spend counters",
+                         description="For every scope with a budget counter, compares the ledger's cost for the "
+                                     "current UTC day and month with the ratelimit service's committed spend "
+                                     "(reservations in flight shown apart) and lists differences. Exits 1 when "
+                                     "any differs by more than the tolerance.")
+    _connection_args(rec, ratelimit=True)
+    rec.add_argument("--tolerance-nano-usd", type=int, default=0,
+                     help="ignore differences up to this (in-flight requests); default %(default)s")
+    rec.add_argument("--json", action="store_true", help="machine-readable output")
+    rec.add_argument("--fix", action="store_true",
+                     help="raise counters that are below the ledger to it (never lowers one; the exit code still "
+                          "says there were differences)")
+    rec.set_defaults(func=_run(_reconcile))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tollgate", description="tollgate admin commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

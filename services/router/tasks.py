@@ -1,0 +1,18 @@
+"""Helpers for the router's background loops."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def raise_if_cancelling() -> None:
+    """Stop a forever-loop whose task was cancelled even if the CancelledError got lost on the way.
+
+    On Python 3.11 ``asyncio.wait_for`` (which redis-py wraps around every socket write) can swallow
+    a cancellation that arrives as the inner call completes; the task then stays "cancelling" but
+    its loop would run on forever, and shutdown would hang waiting for it. Called once per
+    iteration, this turns the pending cancellation back into a CancelledError.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
