@@ -273,15 +273,15 @@ class Gateway:
                        request_id: str | None = None) -> AsyncIterator[str | Summary]:
         attempt = _Attempt(request_id or uuid.uuid4().hex, key, cmd, utcnow(), time.monotonic())
         chain = self.resolve_chain(key, cmd)
-        if cmd.retrieval.enabled:
-            # Step 5 before step 4: the retrieved context is part of the prompt, so of the cache key too.
-            cmd = attempt.cmd = await self._augment(attempt, deadline)
         attempt.model = chain[0]
         attempt.price = self._price(chain[0], attempt.started_at)
-        ns = CacheNamespace(key.principal.org_id, chain[0].name, system_prompt_hash(cmd.messages),
-                            cmd.prompt_version)
         cacheable = cmd.params.deterministic or cmd.cache.allow_nondeterministic
         try:
+            if cmd.retrieval.enabled:
+                # Step 5 before step 4: the retrieved context is part of the prompt, so of the cache key too.
+                cmd = attempt.cmd = await self._augment(attempt, deadline)
+            ns = CacheNamespace(key.principal.org_id, chain[0].name, system_prompt_hash(cmd.messages),
+                                cmd.prompt_version)
             # Step 4: cache (fail open).
             if cacheable and not cmd.cache.no_cache:
                 hit = await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=False)
