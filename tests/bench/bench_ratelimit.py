@@ -30,10 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "router" / "migrations"
-MARK_BEGIN = "<!-- bench:ratelimit:begin -->"
-MARK_END = "<!-- bench:ratelimit:end -->"
 HUGE = 10**12
 
 
@@ -253,17 +250,6 @@ def run(args: argparse.Namespace) -> str:
     ])
 
 
-def _write(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{MARK_BEGIN}\n{section}\n{MARK_END}"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=5000, help="calls per measurement")
@@ -275,7 +261,9 @@ def main() -> None:
     section = run(args)
     print(section)
     if args.write:
-        _write(section)
+        from tests.bench.run import write_section
+
+        write_section("bench:bench_ratelimit", section)
     sys.exit(0)
 
 
