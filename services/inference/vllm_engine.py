@@ -18,6 +18,7 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from services.inference.engine import EngineLoad, ServedModel
 log = logging.getLogger(__name__)
 
 PROVIDER = "vllm"
+
+_PROMPT_CACHE_SIZE = 512
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
 
@@ -103,6 +106,7 @@ class VllmEngine:
         self._options = options
         self._load = load
         self._inflight: set[str] = set()
+        self._prompt_ids_cache: OrderedDict[tuple[ChatMessage, ...], list[int]] = OrderedDict()
 
     @classmethod
     def start(cls, options: VllmOptions) -> VllmEngine:
@@ -149,10 +153,21 @@ class VllmEngine:
         return len(self._prompt_ids(messages))
 
     def _prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        # The core counts tokens (context-window check) right before generate tokenizes the same prompt;
+        # templating and tokenizing are CPU the engine's worker needs, so do them once.
+        key = tuple(messages)
+        ids = self._prompt_ids_cache.get(key)
+        if ids is not None:
+            self._prompt_ids_cache.move_to_end(key)
+            return ids
         chat = [{"role": m.role.value, "content": m.content} for m in messages]
         text = self._tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         # The template already holds the special tokens.
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        ids = list(self._tokenizer.encode(text, add_special_tokens=False))
+        self._prompt_ids_cache[key] = ids
+        if len(self._prompt_ids_cache) > _PROMPT_CACHE_SIZE:
+            self._prompt_ids_cache.popitem(last=False)
+        return ids
 
     def _sampling(self, params: GenerationParams) -> Any:
         from vllm import SamplingParams
@@ -188,7 +203,9 @@ class VllmEngine:
                 if remaining <= 0:
                     raise self._timeout(deadline)
                 try:
-                    out = await asyncio.wait_for(stream.__anext__(), timeout=remaining)
+                    # asyncio.timeout bounds the await without a task per token (wait_for makes one).
+                    async with asyncio.timeout(remaining):
+                        out = await stream.__anext__()
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
