@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from libs.breaker import Breaker
 from libs.deadlines import Deadline
-from libs.errors import DeadlineExceeded, TollgateError, Unavailable
+from libs.errors import DeadlineExceeded, Unavailable
 from libs.grpc_errors import domain_error_from_rpc
 from libs.telemetry import client_interceptors
-
-T = TypeVar("T")
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -102,13 +100,3 @@ class Downstream:
 
     async def close(self) -> None:
         await self.channel.close()
-
-
-async def fail_open(coro: Any, default: T) -> T:
-    """Await an optional dependency; on an availability failure return ``default`` (fail open)."""
-    try:
-        return await coro  # type: ignore[no-any-return]
-    except (Unavailable, DeadlineExceeded):
-        return default
-    except TollgateError:
-        raise

@@ -22,7 +22,6 @@ from typing import Protocol, runtime_checkable
 
 from libs.chat import ChatMessage, GenerationChunk, GenerationParams
 from libs.deadlines import Deadline
-from libs.tokens import estimate_prompt_tokens
 
 # GenerationChunk.extra key set on the final chunk when usage was estimated, not reported.
 USAGE_ESTIMATED = "usage_estimated"
@@ -74,8 +73,3 @@ class Engine(Protocol):
     async def aclose(self) -> None:
         """Release connections (or the model); no generate call is made after this."""
         ...
-
-
-def estimate_input_tokens(messages: Sequence[ChatMessage]) -> int:
-    """Input-token estimate used until a real tokenizer is wired in (see :mod:`libs.tokens`)."""
-    return estimate_prompt_tokens(m.content for m in messages)

@@ -19,44 +19,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.bench import load
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "router" / "migrations"
 HUGE = 10**12
 
 
-async def measure(call: Callable[[int], Awaitable[object]], concurrency: int, total: int,
-                  warmup: int = 200) -> dict[str, float]:
-    for i in range(warmup):
-        await call(-i - 1)
-    latencies: list[float] = []
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < total:
-            i = next_index
-            next_index += 1
-            t0 = time.perf_counter()
-            await call(i)
-            latencies.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"p50_ms": statistics.median(latencies) * 1000,
-            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-            "per_s": len(latencies) / wall}
+# Redis scripts and connections warm up over a few hundred calls; keep them out of the numbers.
+measure = functools.partial(load.measure, warmup=200)
 
 
 def row(path: str, c: int, r: dict[str, float]) -> str:

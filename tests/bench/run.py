@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import statistics
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -28,6 +25,7 @@ from tollgate.router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2
 
 from libs.cli import start_mesh
 from libs.launcher import LauncherSettings, free_port
+from tests.bench.load import measure
 
 MODEL = "bench-small"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
@@ -36,30 +34,6 @@ MARK = "bench:gateway-grpc"
 
 def _messages(text: str) -> list[common_pb2.ChatMessage]:
     return [common_pb2.ChatMessage(role=common_pb2.MESSAGE_ROLE_USER, content=text)]
-
-
-async def _measure(call: Callable[[int], Awaitable[None]], concurrency: int, total: int) -> dict[str, float]:
-    latencies: list[float] = []
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < total:
-            i = next_index
-            next_index += 1
-            t0 = time.perf_counter()
-            await call(i)
-            latencies.append(time.perf_counter() - t0)
-
-    for i in range(min(20, total)):  # warm-up: channels, caches, JIT-free but connection set-up
-        await call(-i - 1)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"p50_ms": statistics.median(latencies) * 1000,
-            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-            "rps": len(latencies) / wall}
 
 
 async def _bench(router: str, inference: str, admin_key: str, concurrencies: list[int], total: int) -> list[str]:
@@ -98,12 +72,12 @@ async def _bench(router: str, inference: str, admin_key: str, concurrencies: lis
         rows = ["| concurrency | path | p50 ms | p99 ms | req/s | p50 overhead vs direct |",
                 "|---:|---|---:|---:|---:|---:|"]
         for c in concurrencies:
-            base = await _measure(direct, c, total)
+            base = await measure(direct, c, total, warmup=min(20, total))
             for name, fn in (("direct inference (baseline)", None), ("router, cache miss", miss),
                              ("router, exact hit", hit)):
-                r = base if fn is None else await _measure(fn, c, total)
+                r = base if fn is None else await measure(fn, c, total, warmup=min(20, total))
                 overhead = "" if fn is None else f"{r['p50_ms'] - base['p50_ms']:+.2f} ms"
-                rows.append(f"| {c} | {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['rps']:.0f} | {overhead} |")
+                rows.append(f"| {c} | {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['per_s']:.0f} | {overhead} |")
     return rows
 
 

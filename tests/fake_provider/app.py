@@ -324,17 +324,22 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-# --- OpenAI ------------------------------------------------------------------------
-
-async def chat_completions(request: Request) -> Response:
+async def _received(request: Request) -> tuple[ProviderState, str | None, dict[str, Any] | None]:
+    """Count and remember a generation request (both APIs): what the control endpoint reports."""
     state: ProviderState = request.app.state.provider
-    api_key: str | None = request.app.state.api_key
     state.requests_total += 1
     if request.client:
         state.client_ports.add(request.client.port)
     body = await _read_json(request)
     state.last_request = body
     state.last_headers = {k: v for k, v in request.headers.items() if k in ("x-request-id", "anthropic-version")}
+    return state, request.app.state.api_key, body
+
+
+# --- OpenAI ------------------------------------------------------------------------
+
+async def chat_completions(request: Request) -> Response:
+    state, api_key, body = await _received(request)
     if not _auth_ok(request, api_key, anthropic=False):
         return _error(401, "invalid api key", anthropic=False, kind="invalid_request_error")
     if body is None or not isinstance(body.get("messages"), list) or not body["messages"]:
@@ -406,14 +411,7 @@ async def list_models(request: Request) -> Response:
 # --- Anthropic ----------------------------------------------------------------------
 
 async def messages(request: Request) -> Response:
-    state: ProviderState = request.app.state.provider
-    api_key: str | None = request.app.state.api_key
-    state.requests_total += 1
-    if request.client:
-        state.client_ports.add(request.client.port)
-    body = await _read_json(request)
-    state.last_request = body
-    state.last_headers = {k: v for k, v in request.headers.items() if k in ("x-request-id", "anthropic-version")}
+    state, api_key, body = await _received(request)
     if not _auth_ok(request, api_key, anthropic=True):
         return _error(401, "invalid x-api-key", anthropic=True, kind="authentication_error")
     if body is None or not isinstance(body.get("messages"), list) or not body["messages"]:
