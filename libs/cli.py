@@ -72,7 +72,8 @@ def cmd_up(_: argparse.Namespace) -> int:
         print(f"\ntollgate is serving. Router: {mesh.router_address}")
         print(f"  services : router {settings.router_port}, cache {settings.cache_port}, "
               f"ratelimit {settings.ratelimit_port}, retrieval {settings.retrieval_port}, "
-              f"inference {settings.inference_port}")
+              f"inference {settings.inference_port}, edge {settings.edge_port}")
+        print(f"  edge     : {mesh.edge_url}/v1  (OpenAI-compatible HTTP)")
         for name, private in (("redis", mesh.redis), ("postgres", mesh.postgres)):
             where = f"private, under {settings.data_dir / name}" if private else "external"
             print(f"  {name:<9}: {where}")
@@ -84,6 +85,7 @@ def cmd_up(_: argparse.Namespace) -> int:
         if admin_key:
             print(f"\n  Bootstrap admin key (shown once, stored only as a hash):\n    {admin_key}\n")
         print(f"  try: grpcurl -plaintext {mesh.router_address} list")
+        print(f"       curl {mesh.edge_url}/v1/models -H 'authorization: Bearer <key>'")
         print("  Ctrl-C stops everything.", flush=True)
         stop = _stop_requested()
         while not stop:
@@ -104,7 +106,7 @@ def cmd_demo(_: argparse.Namespace) -> int:
     from libs.demo import run_demo
 
     with tempfile.TemporaryDirectory(prefix="tollgate-demo-") as tmp:
-        env_ports = {name: free_port() for name in ("router", "cache", "ratelimit", "retrieval", "inference")}
+        env_ports = {name: free_port() for name in ("router", "cache", "ratelimit", "retrieval", "inference", "edge")}
         settings = LauncherSettings(data_dir=Path(tmp), redis_url="", database_url="",
                                     fake_provider_port=free_port()).model_copy(
             update={f"{name}_port": port for name, port in env_ports.items()})

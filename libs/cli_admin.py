@@ -1,4 +1,4 @@
-"""Admin subcommands of ``tollgate``: keys, audit, cost report, reconciliation.
+"""Admin subcommands of ``tollgate``: keys, audit, cost report, reconciliation, A/B experiments.
 
 They talk to a running router's AdminService with an admin key (``TOLLGATE_ADMIN_KEY`` or
 ``--admin-key-file``; never a command-line argument, where ``ps`` would show it), and
@@ -43,6 +43,8 @@ _GROUP = {"org": admin_pb2.USAGE_GROUP_BY_ORG, "team": admin_pb2.USAGE_GROUP_BY_
           "day": admin_pb2.USAGE_GROUP_BY_DAY}
 _ROLE = {"member": admin_pb2.KEY_ROLE_MEMBER, "admin": admin_pb2.KEY_ROLE_ADMIN}
 _ROLE_NAME = {v: k for k, v in _ROLE.items()}
+_TIER = {"free": admin_pb2.KEY_TIER_FREE, "pro": admin_pb2.KEY_TIER_PRO, "enterprise": admin_pb2.KEY_TIER_ENTERPRISE}
+_TIER_NAME = {v: k for k, v in _TIER.items()}
 
 
 class CliError(Exception):
@@ -99,7 +101,8 @@ class AdminApi:
         return [KeyListing(
             KeyRecord(k.key_id, Principal(k.principal.org_id, k.principal.team_id, k.key_id),
                       _ROLE_NAME.get(k.role, "member"), tuple(k.allowed_models),
-                      _dt(k.expires_at) if k.HasField("expires_at") else None, k.revoked),
+                      _dt(k.expires_at) if k.HasField("expires_at") else None, k.revoked,
+                      _TIER_NAME.get(k.tier, "pro")),
             k.name, k.display_prefix, _dt(k.created_at), _dt(k.revoked_at) if k.HasField("revoked_at") else None)
             for k in resp.keys]
 
@@ -159,7 +162,7 @@ async def _key_create(args: argparse.Namespace) -> int:
         expires = (_ts(datetime.now(UTC) + timedelta(days=args.expires_in_days)) if args.expires_in_days else None)
         resp = await api.call("CreateKey", admin_pb2.CreateKeyRequest(
             org_id=args.org, team_id=args.team, name=args.name, role=_ROLE[args.role],
-            allowed_models=args.model or [], expires_at=expires))
+            allowed_models=args.model or [], expires_at=expires, tier=_TIER[args.tier]))
         print(f"key id : {resp.key_id}")
         print(f"key    : {resp.key}")
         print()
@@ -182,11 +185,11 @@ async def _key_revoke(args: argparse.Namespace) -> int:
 async def _key_list(args: argparse.Namespace) -> int:
     async def body(api: AdminApi) -> int:
         resp = await api.call("ListKeys", admin_pb2.ListKeysRequest(org_id=args.org or "", team_id=args.team or ""))
-        print(f"{'key id':<22} {'name':<24} {'role':<7} {'prefix':<11} {'team':<22} state")
+        print(f"{'key id':<22} {'name':<24} {'role':<7} {'tier':<10} {'prefix':<11} {'team':<22} state")
         for k in resp.keys:
             state = "revoked" if k.revoked else "active"
-            print(f"{k.key_id:<22} {k.name[:24]:<24} {_ROLE_NAME.get(k.role, '?'):<7} {k.display_prefix:<11} "
-                  f"{k.principal.team_id:<22} {state}")
+            print(f"{k.key_id:<22} {k.name[:24]:<24} {_ROLE_NAME.get(k.role, '?'):<7} "
+                  f"{_TIER_NAME.get(k.tier, 'pro'):<10} {k.display_prefix:<11} {k.principal.team_id:<22} {state}")
         return 0
 
     return await _with_admin(args, body)
@@ -264,6 +267,90 @@ async def _reconcile(args: argparse.Namespace) -> int:
     return 1 if result.differences else 0
 
 
+# --- A/B experiments -------------------------------------------------------------------------
+
+_METRIC_NAME = {admin_pb2.EXPERIMENT_METRIC_LATENCY: "latency ms", admin_pb2.EXPERIMENT_METRIC_COST: "cost nano-USD",
+                admin_pb2.EXPERIMENT_METRIC_ERROR_RATE: "error rate",
+                admin_pb2.EXPERIMENT_METRIC_FEEDBACK_UP_RATE: "feedback up-rate"}
+
+
+def parse_variant(text: str) -> admin_pb2.ExperimentVariant:
+    """``name=model[:weight]`` (weight 1 when left out; a model name may itself contain ':')."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=MODEL[:WEIGHT]")
+    model, colon, weight = rest.rpartition(":")
+    try:
+        return admin_pb2.ExperimentVariant(name=name, model=model, weight=float(weight)) if colon else \
+            admin_pb2.ExperimentVariant(name=name, model=rest, weight=1.0)
+    except ValueError:
+        return admin_pb2.ExperimentVariant(name=name, model=rest, weight=1.0)
+
+
+def _print_experiment(e: Any) -> None:
+    state = "active" if e.active else f"ended {_dt(e.ended_at):%Y-%m-%d %H:%M}"
+    total = sum(v.weight for v in e.variants) or 1.0
+    split = ", ".join(f"{v.name}={v.model} ({v.weight / total:.0%})" for v in e.variants)
+    print(f"{e.name:<24} {e.model:<20} {state:<22} {split}")
+
+
+async def _experiment_create(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        resp = await api.call("CreateExperiment", admin_pb2.CreateExperimentRequest(
+            name=args.name, model=args.model, variants=args.variant))
+        _print_experiment(resp.experiment)
+        print(f"requests for {args.model!r} are split by user id from now on (every router within seconds); "
+              f"the first variant ({args.variant[0].name}) is the control")
+        return 0
+
+    return await _with_admin(args, body)
+
+
+async def _experiment_end(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        resp = await api.call("EndExperiment", admin_pb2.EndExperimentRequest(name=args.name))
+        _print_experiment(resp.experiment)
+        return 0
+
+    return await _with_admin(args, body)
+
+
+async def _experiment_list(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        resp = await api.call("ListExperiments", admin_pb2.ListExperimentsRequest(active_only=args.active))
+        print(f"{'name':<24} {'model':<20} {'state':<22} variants")
+        for e in resp.experiments:
+            _print_experiment(e)
+        return 0
+
+    return await _with_admin(args, body)
+
+
+async def _experiment_report(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        r = await api.call("GetExperimentReport", admin_pb2.GetExperimentReportRequest(name=args.name,
+                                                                                       alpha=args.alpha))
+        _print_experiment(r.experiment)
+        print()
+        print(f"{'variant':<16} {'model':<20} {'requests':>9} {'p50 ms':>8} {'mean ms':>9} {'mean cost':>12} "
+              f"{'errors':>8} {'feedback':>9} {'up-rate':>8}")
+        for v in r.variants:
+            print(f"{v.variant:<16} {v.model:<20} {v.requests:>9} {v.latency_p50_ms:>8.0f} {v.latency_mean_ms:>9.1f} "
+                  f"{v.cost_mean_nano_usd:>12.0f} {v.error_rate:>8.2%} {v.feedback_up + v.feedback_down:>9} "
+                  f"{v.feedback_up_rate:>8.2%}")
+        print()
+        print(f"each variant against the control; significant when p < {r.alpha:g} / {len(r.comparisons)} "
+              f"= {r.corrected_alpha:.4g} (Bonferroni)")
+        for c in r.comparisons:
+            p = f"{c.p_value:.4g}" if c.HasField("p_value") else "n/a (too little data)"
+            verdict = "SIGNIFICANT" if c.significant else "-"
+            print(f"{c.variant:<16} {_METRIC_NAME.get(c.metric, '?'):<17} {c.control_value:>12.4g} -> "
+                  f"{c.variant_value:<12.4g} {c.test:<17} p = {p:<22} {verdict}")
+        return 0
+
+    return await _with_admin(args, body)
+
+
 # --- wiring ----------------------------------------------------------------------------------
 
 def _connection_args(p: argparse.ArgumentParser, *, ratelimit: bool = False) -> None:
@@ -303,6 +390,13 @@ KEY_HELP = ("Virtual keys (org > team > key). A key is shown once, at creation, 
             "down every request.")
 
 
+EXPERIMENT_HELP = ("A/B experiments. An experiment splits the requests for one model name between variants, each "
+                   "served by its own model: a user (GenerationInput.user_id, else the key id) is assigned by "
+                   "sha256(experiment:user), so keeps the same variant. The report compares each variant with "
+                   "the first (the control): latency and cost with Welch's t-test, error rate and feedback "
+                   "up-rate with a two-proportion z-test, Bonferroni-corrected over all comparisons.")
+
+
 def register(sub: Any) -> None:
     """Add the admin subcommands to ``tollgate``'s subparsers."""
     key = sub.add_parser("key", help="create, revoke and list virtual keys", description=KEY_HELP)
@@ -314,6 +408,9 @@ def register(sub: Any) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--role", choices=sorted(_ROLE), default="member",
                         help="admin keys may call AdminService; members only generate (default %(default)s)")
+    create.add_argument("--tier", choices=list(_TIER), default="pro",
+                        help="service tier: under overload free traffic is shed first, then pro "
+                             "(default %(default)s)")
     create.add_argument("--model", action="append", help="allowed model (repeat); default: every model")
     create.add_argument("--expires-in-days", type=float, default=0.0)
     create.set_defaults(func=_run(_key_create))
@@ -359,6 +456,31 @@ def register(sub: Any) -> None:
                      help="raise counters that are below the ledger to it (never lowers one; the exit code still "
                           "says there were differences)")
     rec.set_defaults(func=_run(_reconcile))
+
+    experiment = sub.add_parser("experiment", help="A/B experiments: split a model's requests between variants",
+                                description=EXPERIMENT_HELP)
+    exp_sub = experiment.add_subparsers(dest="experiment_command", required=True)
+    exp_create = exp_sub.add_parser("create", help="start an experiment", description=EXPERIMENT_HELP)
+    _connection_args(exp_create)
+    exp_create.add_argument("name", help="lowercase letters, digits, '_', '.', '-'; never reused")
+    exp_create.add_argument("--model", required=True, help="the requested model name to split (e.g. auto)")
+    exp_create.add_argument("--variant", action="append", required=True, type=parse_variant,
+                            metavar="NAME=MODEL[:WEIGHT]",
+                            help="a variant and its weight (repeat, 2 to 10; the first is the control)")
+    exp_create.set_defaults(func=_run(_experiment_create))
+    exp_end = exp_sub.add_parser("end", help="stop an experiment (its report stays readable)")
+    _connection_args(exp_end)
+    exp_end.add_argument("name")
+    exp_end.set_defaults(func=_run(_experiment_end))
+    exp_list = exp_sub.add_parser("list", help="list experiments, newest first")
+    _connection_args(exp_list)
+    exp_list.add_argument("--active", action="store_true", help="only active experiments")
+    exp_list.set_defaults(func=_run(_experiment_list))
+    exp_report = exp_sub.add_parser("report", help="per-variant metrics and significance tests")
+    _connection_args(exp_report)
+    exp_report.add_argument("name")
+    exp_report.add_argument("--alpha", type=float, default=0.05, help="family-wise level (default %(default)s)")
+    exp_report.set_defaults(func=_run(_experiment_report))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,10 @@ from libs.errors import DeadlineExceeded, Unavailable
 from libs.grpc_errors import domain_error_from_rpc
 from libs.telemetry import client_interceptors
 
+# Metadata a trusted proxy (the HTTP edge) sets to the address of the client it serves; the router
+# believes it only from peers in TOLLGATE_ROUTER_TRUSTED_PROXIES.
+CLIENT_IP_METADATA = "x-tollgate-client-ip"
+
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

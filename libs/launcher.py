@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class LauncherSettings(BaseSettings):
     ratelimit_port: int = Field(50053, validation_alias=AliasChoices("TOLLGATE_RATELIMIT_PORT"))
     retrieval_port: int = Field(50054, validation_alias=AliasChoices("TOLLGATE_RETRIEVAL_PORT"))
     inference_port: int = Field(50055, validation_alias=AliasChoices("TOLLGATE_INFERENCE_PORT"))
+    # The OpenAI-compatible HTTP edge in front of the router.
+    edge_port: int = Field(8080, validation_alias=AliasChoices("TOLLGATE_EDGE_PORT"))
     # What the inference service runs: the bundled model on vLLM in-process (default), or an HTTP provider.
     inference_engine: Literal["vllm", "openai", "anthropic"] = Field(
         "vllm", validation_alias=AliasChoices("TOLLGATE_INFERENCE_ENGINE"))
@@ -89,6 +92,20 @@ def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen[bytes] |
                 return
         time.sleep(0.1)
     raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f}s")
+
+
+def wait_http_healthy(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll an HTTP health endpoint until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process serving {url} exited with code {proc.returncode}")
+        with contextlib.suppress(OSError), opener.open(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f}s")
 
 
 def _terminate_with_parent() -> None:
@@ -182,6 +199,11 @@ class Mesh:
     def router_address(self) -> str:
         return f"{self.settings.host}:{self.settings.router_port}"
 
+    @property
+    def edge_url(self) -> str:
+        """Base URL of the OpenAI-compatible HTTP edge (the OpenAI API is under ``/v1``)."""
+        return f"http://{self.settings.host}:{self.settings.edge_port}"
+
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Child:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -198,7 +220,8 @@ class Mesh:
         """Start infrastructure, run ``prepare`` (schema, bootstrap) against it, then the services."""
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        for port in (s.router_port, s.cache_port, s.ratelimit_port, s.retrieval_port, s.inference_port):
+        for port in (s.router_port, s.cache_port, s.ratelimit_port, s.retrieval_port, s.inference_port,
+                     s.edge_port):
             if port_in_use(s.host, port):
                 raise RuntimeError(f"port {port} is already in use (another tollgate running?); "
                                    "set TOLLGATE_<SERVICE>_PORT to move it")
@@ -239,6 +262,10 @@ class Mesh:
                       "TOLLGATE_ROUTER_RETRIEVAL_TARGET": f"{s.host}:{s.retrieval_port}"}
         router = self._spawn("router", ["-m", "services.router"], router_env)
         wait_serving(self.router_address, s.start_timeout_s, router.proc)
+        edge = self._spawn("edge", ["-m", "services.edge"],
+                           {**self.env, "TOLLGATE_EDGE_PORT": str(s.edge_port),
+                            "TOLLGATE_EDGE_ROUTER_TARGET": self.router_address})
+        wait_http_healthy(f"{self.edge_url}/healthz", s.start_timeout_s, edge.proc)
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)

@@ -102,7 +102,7 @@ class ResponseCache:
             return None
         finally:
             if counts:
-                await self._count(key.namespace, counts)
+                self._count_later(key.namespace, counts)
 
     async def store(self, key: CacheKey, content: str, usage: TokenUsage, ttl_s: int = 0,
                     deadline: Deadline | None = None) -> str | None:
@@ -113,12 +113,17 @@ class ResponseCache:
         entry = NewEntry(content=content, usage=usage, ttl_s=ttl)
         now = self._clock()
         ids = [await _bounded(_budget(deadline), tier.store(key, entry, now)) for tier in self._tiers]
-        await self._count(key.namespace, {Counter.STORES: 1})
+        self._count_later(key.namespace, {Counter.STORES: 1})
         return ids[0]
 
     def count_rejection(self, key: CacheKey, reason: str) -> None:
         """Called by the semantic tier for each candidate its verifier refuses (in the background)."""
-        task = asyncio.create_task(self._count(key.namespace, {Counter.SEMANTIC_REJECTIONS: 1}))
+        self._count_later(key.namespace, {Counter.SEMANTIC_REJECTIONS: 1})
+
+    def _count_later(self, namespace: Namespace, counts: Mapping[str, int]) -> None:
+        # Off the answer's path: a counter round trip to Redis must not add to every lookup's latency.
+        # stats() and aclose() wait for these, so a reader in this process sees its own counts.
+        task = asyncio.create_task(self._count(namespace, counts))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -130,6 +135,8 @@ class ResponseCache:
 
     async def stats(self, tenant_id: str = "", deadline: Deadline | None = None, *,
                     per_namespace: bool = False) -> CacheStats:
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=_budget(deadline))
         counts = await _bounded(_budget(deadline), self._stats.read_stats(tenant_id))
         namespaces: tuple[NamespaceStats, ...] = ()
         if per_namespace and tenant_id:
@@ -142,8 +149,12 @@ class ResponseCache:
     def health(self) -> list[TierHealth]:
         return [t.health() for t in self._tiers]
 
-    async def aclose(self) -> None:
+    async def flush_counters(self) -> None:
+        """Wait for the counter updates already started (they run off the request path)."""
         await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.flush_counters()
 
     async def _count(self, namespace: Namespace, counts: Mapping[str, int]) -> None:
         # Counters are best effort: they must never turn a served answer into an error.

@@ -7,26 +7,25 @@ transformer. The same table gives per-word vectors, which the verifier uses to
 align the content words of two prompts (``services/cache/features.py``).
 
 Only ``tokenizers`` and ``safetensors`` are needed at run time (no torch); the
-files are the ones ``model2vec``'s ``save_pretrained`` writes.
+files are the ones ``model2vec``'s ``save_pretrained`` writes, loaded by
+:mod:`libs.static_embedding` (shared with the router's complexity classifier).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-from safetensors.numpy import load_file
-from tokenizers import Tokenizer
+
+from libs.static_embedding import MAX_PIECES, StaticVectors
 
 F32 = npt.NDArray[np.float32]
 
-# Word pieces past this are ignored: a cache prompt this long is matched exactly or not at all.
-MAX_PIECES = 512
+# Word pieces past MAX_PIECES (512) are ignored: a cache prompt this long is matched exactly or not at all.
+__all__ = ["MAX_PIECES", "Analysis", "Embedder", "StaticEmbedder"]
 
 
 @dataclass(frozen=True)
@@ -67,19 +66,13 @@ class StaticEmbedder:
 
     def __init__(self, path: Path):
         self.path = path
-        self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        # Padding/truncation settings saved with the tokenizer would change the vectors.
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
-        table = load_file(str(path / "model.safetensors"))["embeddings"].astype(np.float32)
-        self._table: F32 = table
-        self._unit_table = _unit_rows(table)
-        config = json.loads((path / "config.json").read_text())
-        self._normalize = bool(config.get("normalize", True))
-        unk = self._tokenizer.token_to_id("[UNK]")
-        self._unk = -1 if unk is None else unk
-        digest = hashlib.sha256(table[: min(len(table), 4096)].round(3).tobytes()).hexdigest()[:16]
-        self._fingerprint = f"m2v-{table.shape[1]}-{digest}"
+        self._vectors = StaticVectors(path)
+        self._tokenizer = self._vectors.tokenizer
+        self._table: F32 = self._vectors.table
+        self._unit_table = _unit_rows(self._table)
+        self._normalize = self._vectors.normalize
+        self._unk = self._vectors.unk
+        self._fingerprint = self._vectors.fingerprint
 
     @property
     def dim(self) -> int:
@@ -96,9 +89,7 @@ class StaticEmbedder:
             empty = np.zeros((0, self.dim), dtype=np.float32)
             return Analysis(text, np.zeros(self.dim, dtype=np.float32), (), (), empty, np.zeros(0, dtype=np.float32))
         known = ids != self._unk
-        vec = self._table[ids[known]].mean(axis=0) if known.any() else np.zeros(self.dim, dtype=np.float32)
-        norm = float(np.linalg.norm(vec))
-        vector = (vec / norm if norm > 0 and self._normalize else vec).astype(np.float32)
+        vector = self._vectors.mean_vector(ids)
         # Group pieces into words (the tokenizer's pre-tokenizer splits on whitespace and punctuation).
         word_ids = enc.word_ids[:len(ids)]
         offsets = enc.offsets[:len(ids)]

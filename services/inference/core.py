@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from libs.chat import ChatMessage, GenerationChunk, GenerationParams
 from libs.deadlines import Deadline
-from libs.errors import FieldViolation, InvalidArgument, TollgateError
+from libs.errors import TollgateError
 from services.inference.admission import AdmissionGate
-from services.inference.engine import USAGE_ESTIMATED, Engine, ServedModel
+from services.inference.engine import USAGE_ESTIMATED, Engine, ServedModel, context_window_exceeded
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ class InferenceCore:
         if served is not None:
             input_tokens = await self.engine.count_tokens(model, messages)
             if input_tokens > served.context_window:
-                raise InvalidArgument([FieldViolation("messages", f"about {input_tokens} input tokens exceed the "
-                                                                  f"context window of {served.context_window}")])
+                raise context_window_exceeded(input_tokens, served.context_window)
         started = time.monotonic()
         await self.gate.acquire(deadline)
         first_token_ms: float | None = None

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from libs.chat import ChatMessage, GenerationChunk, GenerationParams
 from libs.deadlines import Deadline
+from libs.errors import FieldViolation, InvalidArgument
 
 # GenerationChunk.extra key set on the final chunk when usage was estimated, not reported.
 USAGE_ESTIMATED = "usage_estimated"
@@ -73,3 +74,15 @@ class Engine(Protocol):
     async def aclose(self) -> None:
         """Release connections (or the model); no generate call is made after this."""
         ...
+
+
+# ErrorInfo.reason of a prompt that does not fit the model (the router's failover reads it).
+CONTEXT_WINDOW_EXCEEDED = "CONTEXT_WINDOW_EXCEEDED"
+
+
+def context_window_exceeded(input_tokens: int, context_window: int) -> InvalidArgument:
+    """INVALID_ARGUMENT with reason CONTEXT_WINDOW_EXCEEDED: the router falls back to a model with a larger window."""
+    error = InvalidArgument([FieldViolation("messages", f"about {input_tokens} input tokens exceed the "
+                                                        f"context window of {context_window}")])
+    error.reason = CONTEXT_WINDOW_EXCEEDED
+    return error

@@ -20,7 +20,7 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -284,7 +284,7 @@ class HttpEngineBase:
         with contextlib.suppress(Exception):
             await response.aclose()
 
-    async def _drain(self, events: AsyncGenerator[SSEEvent, None]) -> None:
+    async def _drain(self, events: AsyncIterator[object]) -> None:
         """Read what follows the end-of-stream marker, briefly, so the kept-alive connection is reusable."""
         try:
             async with asyncio.timeout(_DRAIN_S):
@@ -296,6 +296,15 @@ class HttpEngineBase:
     async def _events(self, request_id: str, path: str, body: dict[str, Any],
                       deadline: Deadline) -> AsyncGenerator[SSEEvent, None]:
         """The provider's event stream; closing this iterator closes the HTTP response."""
+        async with contextlib.aclosing(self._event_batches(request_id, path, body, deadline)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def _event_batches(self, request_id: str, path: str, body: dict[str, Any],
+                             deadline: Deadline) -> AsyncGenerator[list[SSEEvent], None]:
+        """The provider's events, one list per network read: the engines merge the deltas that arrived
+        together into one chunk, so a fast provider costs one gRPC message per read, not per token."""
         response = await self._send(request_id, path, body, deadline)
         decoder = SSEDecoder()
         chunks = response.aiter_bytes()
@@ -313,8 +322,8 @@ class HttpEngineBase:
                     events = decoder.close() if chunk is None else decoder.feed(chunk)
                 except SSEProtocolError as exc:
                     raise malformed(str(exc)) from None
-                for event in events:
-                    yield event
+                if events:
+                    yield list(events)
                 if chunk is None:
                     return
         finally:

@@ -85,32 +85,38 @@ class OpenAIHttpEngine(HttpEngineBase):
         done = False
         self._running += 1
         try:
-            async with aclosing(self._events(request_id, CHAT_COMPLETIONS_PATH, body, deadline)) as events:
-                async for event in events:
-                    if event.data.strip() == "[DONE]":
-                        done = True
-                        await self._drain(events)
+            async with aclosing(self._event_batches(request_id, CHAT_COMPLETIONS_PATH, body, deadline)) as batches:
+                async for batch in batches:
+                    arrived: list[str] = []  # the deltas of one network read go out as one chunk
+                    for event in batch:
+                        if event.data.strip() == "[DONE]":
+                            done = True
+                            break
+                        data = parse_json(event)
+                        if data.get("error") and not data.get("choices"):
+                            raise stream_error(self.provider, data.get("error"))
+                        reported_model = str(data.get("model") or reported_model)
+                        if isinstance(data.get("usage"), dict):
+                            usage = _usage(data["usage"])
+                        choices = data.get("choices") or []
+                        if not isinstance(choices, list):
+                            raise malformed("choices is not a list")
+                        for choice in choices:
+                            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                                continue
+                            delta = choice.get("delta") or {}
+                            text = delta.get("content") if isinstance(delta, dict) else None
+                            if isinstance(text, str) and text:
+                                arrived.append(text)
+                            reason = choice.get("finish_reason")
+                            if reason:
+                                finish = _FINISH.get(str(reason), FinishReason.STOP)
+                    if arrived:
+                        output.extend(arrived)
+                        yield GenerationChunk(delta="".join(arrived))
+                    if done:
+                        await self._drain(batches)
                         break
-                    data = parse_json(event)
-                    if data.get("error") and not data.get("choices"):
-                        raise stream_error(self.provider, data.get("error"))
-                    reported_model = str(data.get("model") or reported_model)
-                    if isinstance(data.get("usage"), dict):
-                        usage = _usage(data["usage"])
-                    choices = data.get("choices") or []
-                    if not isinstance(choices, list):
-                        raise malformed("choices is not a list")
-                    for choice in choices:
-                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                            continue
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content") if isinstance(delta, dict) else None
-                        if isinstance(text, str) and text:
-                            output.append(text)
-                            yield GenerationChunk(delta=text)
-                        reason = choice.get("finish_reason")
-                        if reason:
-                            finish = _FINISH.get(str(reason), FinishReason.STOP)
             if finish is None and not done:
                 raise malformed("stream ended before the generation finished")
             extra: dict[str, str] = {}

@@ -27,7 +27,7 @@ from typing import Any
 from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationParams, TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, FailedPrecondition, Unavailable
-from services.inference.engine import EngineLoad, ServedModel
+from services.inference.engine import EngineLoad, ServedModel, context_window_exceeded
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,7 @@ class VllmEngine:
 
         prompt_ids = self._prompt_ids(messages)
         if len(prompt_ids) >= self._options.max_model_len:
-            raise FailedPrecondition(f"prompt of {len(prompt_ids)} tokens does not fit the context window "
-                                     f"of {self._options.max_model_len}")
+            raise context_window_exceeded(len(prompt_ids), self._options.max_model_len)
         # The gateway's request id may be retried or reused; the engine needs a unique one to abort the right work.
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         stream = self._engine.generate(tokens_input(prompt_ids), self._sampling(params), engine_id)

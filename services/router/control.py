@@ -17,7 +17,7 @@ import asyncpg
 from libs.chat import Principal
 from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from services.router.db import acquire
-from services.router.keys import KeyRecord, display_prefix, hash_key, new_key
+from services.router.keys import KEY_TIERS, KeyRecord, display_prefix, hash_key, new_key
 
 SCOPES = ("global", "org", "team", "key", "client_ip")
 GROUP_COLUMNS = {"org": "org_id", "team": "team_id", "key": "key_id", "model": "model",
@@ -37,7 +37,7 @@ def _new_id(kind: str) -> str:
 def _record_from_row(r: asyncpg.Record) -> KeyRecord:
     return KeyRecord(key_id=r["key_id"], principal=Principal(r["org_id"], r["team_id"], r["key_id"]),
                      role=r["role"], allowed_models=tuple(r["allowed_models"]), expires_at=r["expires_at"],
-                     revoked=r["revoked_at"] is not None)
+                     revoked=r["revoked_at"] is not None, tier=r["tier"])
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class ControlPlane:
     async def find_by_hash(self, key_hash: bytes) -> KeyRecord | None:
         async with acquire(self._pool) as conn:
             row = await conn.fetchrow(
-                "SELECT key_id, org_id, team_id, role, allowed_models, expires_at, revoked_at "
+                "SELECT key_id, org_id, team_id, role, allowed_models, expires_at, revoked_at, tier "
                 "FROM api_keys WHERE key_hash = $1", key_hash)
         return _record_from_row(row) if row else None
 
@@ -165,10 +165,12 @@ class ControlPlane:
         return team_id
 
     async def create_key(self, actor: str, *, org_id: str, team_id: str, name: str, role: str,
-                         allowed_models: list[str], expires_at: datetime | None) -> CreatedKey:
+                         allowed_models: list[str], expires_at: datetime | None, tier: str = "pro") -> CreatedKey:
         _require(org_id, "org_id", team_id, "team_id", name, "name")
         if role not in ("admin", "member"):
             raise InvalidArgument([], "role must be admin or member")
+        if tier not in KEY_TIERS:
+            raise InvalidArgument([], f"tier must be one of {', '.join(KEY_TIERS)}")
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise InvalidArgument([], "expires_at must be in the future")
         secret = new_key()
@@ -181,11 +183,11 @@ class ControlPlane:
                 raise FailedPrecondition(f"team {team_id} does not belong to org {org_id}")
             await conn.execute(
                 "INSERT INTO api_keys (key_id, key_hash, display_prefix, org_id, team_id, name, role, "
-                "allowed_models, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "allowed_models, expires_at, tier) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 key_id, hash_key(secret), display_prefix(secret), org_id, team_id, name, role,
-                allowed_models, expires_at)
+                allowed_models, expires_at, tier)
             await _audit(conn, actor, "create_key", key_id, None,
-                         {"org_id": org_id, "team_id": team_id, "name": name, "role": role,
+                         {"org_id": org_id, "team_id": team_id, "name": name, "role": role, "tier": tier,
                           "allowed_models": allowed_models, "expires_at": expires_at,
                           "display_prefix": display_prefix(secret)})
         return CreatedKey(key_id, secret)
@@ -210,7 +212,8 @@ class ControlPlane:
         async with acquire(self._pool) as conn:
             rows = await conn.fetch(
                 "SELECT key_id, org_id, team_id, name, role, allowed_models, display_prefix, expires_at, "
-                "revoked_at, created_at FROM api_keys WHERE ($1 = '' OR org_id = $1) AND ($2 = '' OR team_id = $2) "
+                "revoked_at, created_at, tier FROM api_keys "
+                "WHERE ($1 = '' OR org_id = $1) AND ($2 = '' OR team_id = $2) "
                 "ORDER BY created_at, key_id", org_id, team_id)
         return [KeyListing(_record_from_row(r), r["name"], r["display_prefix"], r["created_at"], r["revoked_at"])
                 for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -122,13 +123,22 @@ class _Replica:
         self.ds = ds
         self.stub = inference_pb2_grpc.InferenceServiceStub(ds.channel)
         self.polled_load = 0  # running + waiting, from its last GetLoad
+        self.waiting = 0
+        self.max_waiting = 0  # the queue bound past which it refuses work (0: unknown)
         self.in_flight = 0  # generations this router has open on it right now
+        # Monotonic time before which it gets no traffic: its provider said "retry after" (a 429).
+        self.cool_until = 0.0
         self.poller: asyncio.Task[None] | None = None
 
     @property
     def score(self) -> int:
         # The replica's own count covers every router; ours reacts within a request, between polls.
         return max(self.polled_load, self.in_flight)
+
+    @property
+    def pressure(self) -> float:
+        """How full its queue is (1.0: it refuses new work)."""
+        return self.waiting / self.max_waiting if self.max_waiting else 0.0
 
 
 class GrpcInferenceClient:
@@ -140,11 +150,15 @@ class GrpcInferenceClient:
     """
 
     def __init__(self, *, margin_s: float, cap_s: float, fail_max: int, reset_timeout_s: float,
+                 error_rate: float = 0.5, window_s: float = 10.0, min_calls: int = 10,
                  load_poll_s: float = 0.25, tracing: bool = False):
         self._margin = margin_s
         self._cap = cap_s
         self._fail_max = fail_max
         self._reset = reset_timeout_s
+        self._error_rate = error_rate
+        self._window_s = window_s
+        self._min_calls = min_calls
         self._poll_s = load_poll_s
         self._tracing = tracing
         self._replicas: dict[str, _Replica] = {}
@@ -154,7 +168,9 @@ class GrpcInferenceClient:
         if replica is None:
             ds = Downstream(f"inference@{target}", target, margin_s=self._margin, cap_s=self._cap,
                             breaker=Breaker(f"inference@{target}", fail_max=self._fail_max,
-                                            reset_timeout_s=self._reset), tracing=self._tracing)
+                                            reset_timeout_s=self._reset, error_rate=self._error_rate,
+                                            window_s=self._window_s, min_calls=self._min_calls),
+                            tracing=self._tracing)
             replica = self._replicas[target] = _Replica(ds)
             replica.poller = asyncio.get_running_loop().create_task(self._poll(replica), name=f"load@{target}")
         return replica
@@ -164,6 +180,7 @@ class GrpcInferenceClient:
             try:
                 load = await replica.stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=max(self._poll_s, 0.1))
                 replica.polled_load = load.running_requests + load.waiting_requests
+                replica.waiting, replica.max_waiting = load.waiting_requests, load.max_waiting_requests
             except grpc.aio.AioRpcError:
                 pass  # unreachable: its breaker decides whether it gets traffic
             await asyncio.sleep(self._poll_s)
@@ -172,9 +189,28 @@ class GrpcInferenceClient:
         return self._get(target).ds.breaker
 
     def order(self, targets: Sequence[str]) -> list[str]:
-        """Replicas whose breaker lets a call through, least busy first (ties keep the given order)."""
-        live = [t for t in targets if not self._get(t).ds.breaker.is_open]
+        """Replicas whose breaker lets a call through and that are not cooling down after a 429,
+        least busy first (ties keep the given order)."""
+        now = time.monotonic()
+        live = [t for t in targets if not self._get(t).ds.breaker.is_open and self._get(t).cool_until <= now]
         return sorted(live, key=lambda t: self._get(t).score)
+
+    def cool_down(self, target: str, seconds: float) -> None:
+        """Honour a provider's retry-after: no traffic to this replica for ``seconds`` (not a breaker failure)."""
+        replica = self._get(target)
+        replica.cool_until = max(replica.cool_until, time.monotonic() + seconds)
+
+    def cooling_for(self, targets: Sequence[str]) -> float | None:
+        """Seconds until the first of these cooling replicas takes traffic again (None: none is cooling)."""
+        now = time.monotonic()
+        waits = [self._get(t).cool_until - now for t in targets if self._get(t).cool_until > now]
+        return min(waits) if waits else None
+
+    def pressure(self) -> float:
+        """Inference pressure for load shedding: the least loaded healthy replica's queue fill (0 when none
+        has reported yet)."""
+        live = [r for r in self._replicas.values() if not r.ds.breaker.is_open]
+        return min((r.pressure for r in live), default=0.0)
 
     def load(self, target: str) -> int:
         return self._get(target).score

@@ -16,10 +16,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
+from libs.breaker import is_backend_fault
 from libs.chat import (
     ChatMessage,
     FinishReason,
@@ -33,6 +35,8 @@ from libs.chat import (
 from libs.deadlines import Deadline
 from libs.errors import (
     DeadlineExceeded,
+    FieldViolation,
+    InvalidArgument,
     Overloaded,
     PermissionDenied,
     QuotaExceeded,
@@ -42,9 +46,22 @@ from libs.errors import (
 )
 from libs.rag_context import ContextChunk, RetrievedContext, assemble_context, cited_chunk_ids
 from libs.tokens import estimate_prompt_tokens, estimate_tokens
+from services.router.complexity import RouteDecision
+from services.router.degradation import DegradationController, Level
+from services.router.experiments import Experiment, Variant, variant_label
+from services.router.failover import (
+    CONTEXT_WINDOW_EXCEEDED,
+    RetryPolicy,
+    fitting,
+    is_context_overflow,
+    is_retryable,
+    larger_window,
+    retry_after,
+)
 from services.router.keys import KeyRecord
 from services.router.pricing import FREE, Price
 from services.router.registry import ModelEntry, Registry
+from services.router.shedding import LoadShedder, effective_tier
 from services.router.usage import UsageEvent, utcnow
 
 log = logging.getLogger(__name__)
@@ -108,9 +125,29 @@ class UsageSink(Protocol):
     async def record(self, event: UsageEvent) -> None: ...
 
 
+class AutoRouter(Protocol):
+    """The complexity router behind model "auto" (services/router/complexity.py)."""
+
+    def decide(self, messages: Sequence[ChatMessage]) -> RouteDecision: ...
+
+
+class ExperimentAssigner(Protocol):
+    """Active A/B experiments (services/router/experiments.py: ExperimentBook)."""
+
+    def for_request(self, model_name: str, user_id: str) -> tuple[Experiment, Variant] | None: ...
+
+
 class InferenceClient(Protocol):
     def order(self, targets: Sequence[str]) -> list[str]:
         """The replicas to try, healthy and least busy first."""
+        ...
+
+    def cool_down(self, target: str, seconds: float) -> None:
+        """No traffic to ``target`` for ``seconds`` (its provider asked us to retry after)."""
+        ...
+
+    def cooling_for(self, targets: Sequence[str]) -> float | None:
+        """Seconds until the first cooling one of ``targets`` takes traffic again (None: none is cooling)."""
         ...
 
     def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
@@ -149,6 +186,8 @@ class GenerateCommand:
     labels: dict[str, str] = field(default_factory=dict)
     client_ip: str = ""
     retrieval: RetrievalPolicy = RetrievalPolicy()
+    # "low" | "normal" | "high": may lower the key's tier for shedding, never raise it.
+    priority: str = "normal"
 
 
 @dataclass
@@ -165,6 +204,11 @@ class Summary:
     latency_s: float
     price_version: int
     cited_chunk_ids: list[str] = field(default_factory=list)
+    degradation_level: str = "full"  # "full" | "reduced" | "cache_only"
+    degraded_detail: str = ""
+    route_reason: str = ""
+    attempts: int = 0
+    variant: str = ""
 
     @property
     def degraded(self) -> bool:
@@ -196,6 +240,19 @@ class _Attempt:
     error_reason: str = ""
     store_ns: CacheNamespace | None = None
     context: RetrievedContext | None = None
+    level: Level = Level.FULL
+    # The reservation call, running concurrently with the cache lookup.
+    reserving: asyncio.Future[None] | None = None
+    degraded_detail: list[str] = field(default_factory=list)
+    route_reason: str = ""
+    attempts: int = 0
+    variant: str = ""
+
+    def degrade(self, reason: str, detail: str) -> None:
+        if reason not in self.degraded:
+            self.degraded.append(reason)
+        if detail and detail not in self.degraded_detail:
+            self.degraded_detail.append(detail)
 
     def billed_usage(self) -> TokenUsage:
         if self.usage is not None:
@@ -212,7 +269,9 @@ class Gateway:
     def __init__(self, *, registry: Registry, cache: CacheClient, ratelimit: RateLimitClient,
                  inference: InferenceClient, usage: UsageSink, default_max_output_tokens: int,
                  side_call_timeout_s: float, retrieval: RetrievalClient | None = None,
-                 retrieval_timeout_s: float = 2.0):
+                 retrieval_timeout_s: float = 2.0, retry: RetryPolicy = RetryPolicy(),
+                 degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
+                 auto_router: AutoRouter | None = None, experiments: ExperimentAssigner | None = None):
         self._registry = registry
         self._cache = cache
         self._ratelimit = ratelimit
@@ -222,110 +281,180 @@ class Gateway:
         self._side_timeout = side_call_timeout_s
         self._retrieval = retrieval
         self._retrieval_timeout = retrieval_timeout_s
+        self._retry = retry
+        self._degradation = degradation
+        self._shedder = shedder
+        self._auto_router = auto_router
+        self._experiments = experiments
         self._pending: set[asyncio.Task[None]] = set()
 
     # --- step 3: the model chain ---------------------------------------------------
 
-    def resolve_chain(self, key: KeyRecord, cmd: GenerateCommand) -> list[ModelEntry]:
+    def resolve_chain(self, key: KeyRecord, cmd: GenerateCommand, attempt: _Attempt | None = None) -> list[ModelEntry]:
+        """The models to try, in order: the requested one (or the auto router's / an experiment's choice),
+        then the fallbacks. Records why on ``attempt``."""
         v = Violations()
         names = [cmd.model, *cmd.fallback_models]
         chain: list[ModelEntry] = []
+        reason = ""
         for i, name in enumerate(names):
             path = "input.model" if i == 0 else f"input.fallback_models[{i - 1}]"
             if name == AUTO_MODEL and i == 0:
-                entry = self._auto_model(key)
-                if entry is None:
+                picks, reason = self._auto_models(key, cmd.messages)
+                if not picks:
                     v.add(path, "no registered model is available to this key for 'auto'")
                     continue
-            else:
-                found = self._registry.model(name)
-                if found is None:
-                    v.add(path, f"unknown model {name!r}")
-                    continue
-                entry = found
-            if not key.may_use(entry.name):
-                raise PermissionDenied(f"this key may not use model {entry.name!r}")
-            if entry not in chain:
-                chain.append(entry)
+                chain.extend(picks)
+                continue
+            found = self._registry.model(name)
+            if found is None:
+                v.add(path, f"unknown model {name!r}")
+                continue
+            if not key.may_use(found.name):
+                raise PermissionDenied(f"this key may not use model {found.name!r}")
+            if found not in chain:
+                chain.append(found)
         v.raise_if_any()
+        if self._experiments is not None and attempt is not None:
+            assigned = self._experiments.for_request(cmd.model, cmd.user_id or key.key_id)
+            if assigned is not None:
+                experiment, variant = assigned
+                label = variant_label(experiment, variant)
+                if variant.model == AUTO_MODEL:
+                    picks, auto_reason = self._auto_models(key, cmd.messages)
+                else:
+                    entry = self._registry.model(variant.model)
+                    picks, auto_reason = ([entry] if entry is not None and key.may_use(entry.name) else []), ""
+                # A variant this key may not use (or one no longer registered) leaves the request out of it.
+                if picks:
+                    chain = [*picks, *(m for m in chain if m not in picks)]
+                    attempt.variant = label
+                    reason = f"experiment {label}" + (f" ({auto_reason})" if auto_reason else "")
+        if attempt is not None:
+            attempt.route_reason = reason
         return chain
+
+    def available_models(self, key: KeyRecord) -> list[ModelEntry]:
+        """The registered models this key may ask for, by name."""
+        return [m for m in self._registry.models() if key.may_use(m.name)]
 
     def _cheaper_chain(self, key: KeyRecord, chain: list[ModelEntry]) -> list[ModelEntry]:
         """The chain with the cheapest cheap-tier model this key may use in front (unchanged if the
         chain already starts on the cheap tier or the key may use none)."""
         if chain[0].cost_tier == "cheap":
             return chain
-        cheap = sorted((m for m in self._registry.models() if m.cost_tier == "cheap" and key.may_use(m.name)),
-                       key=lambda m: m.name)
+        cheap = self._by_price([m for m in self._registry.models() if m.cost_tier == "cheap" and key.may_use(m.name)])
         if not cheap:
             return chain
         return [cheap[0], *(m for m in chain if m != cheap[0])]
 
-    def _auto_model(self, key: KeyRecord) -> ModelEntry | None:
-        # Until the complexity router lands (issue 7), "auto" means the cheapest tier this key may use.
+    def _by_price(self, models: list[ModelEntry]) -> list[ModelEntry]:
+        """Cheapest first (input + output price now; unpriced models last), then by name."""
+        now = utcnow()
+
+        def rank(m: ModelEntry) -> tuple[int, int, str]:
+            price = self._registry.price(m.name, now)
+            return (price is None, price.input_per_mtok + price.output_per_mtok if price else 0, m.name)
+
+        return sorted(models, key=rank)
+
+    def _auto_models(self, key: KeyRecord, messages: Sequence[ChatMessage]) -> tuple[list[ModelEntry], str]:
+        """For "auto": the cheapest model of the tier the complexity router picks, then the cheapest of the
+        other tier as its fallback."""
         usable = [m for m in self._registry.models() if key.may_use(m.name)]
-        usable.sort(key=lambda m: (m.cost_tier != "cheap", m.name))
-        return usable[0] if usable else None
+        if self._auto_router is None:
+            tier, reason = "cheap", "auto: cheap tier (no complexity router loaded)"
+        else:
+            decision = self._auto_router.decide(messages)
+            tier, reason = decision.tier, f"auto: {decision.tier} tier, {decision.reason}"
+        first = self._by_price([m for m in usable if m.cost_tier == tier])
+        other = self._by_price([m for m in usable if m.cost_tier != tier])
+        return [*first[:1], *other[:1]], reason
 
     # --- the request path ------------------------------------------------------------
 
     async def generate(self, key: KeyRecord, cmd: GenerateCommand, deadline: Deadline,
                        request_id: str | None = None) -> AsyncIterator[str | Summary]:
         attempt = _Attempt(request_id or uuid.uuid4().hex, key, cmd, utcnow(), time.monotonic())
-        chain = self.resolve_chain(key, cmd)
+        chain = self.resolve_chain(key, cmd, attempt)
         attempt.model = chain[0]
         attempt.price = self._price(chain[0], attempt.started_at)
         cacheable = cmd.params.deterministic or cmd.cache.allow_nondeterministic
+        level = attempt.level = self._degradation.evaluate() if self._degradation else Level.FULL
         try:
             if cmd.retrieval.enabled:
                 # Step 5 before step 4: the retrieved context is part of the prompt, so of the cache key too.
                 cmd = attempt.cmd = await self._augment(attempt, deadline)
             ns = CacheNamespace(key.principal.org_id, chain[0].name, system_prompt_hash(cmd.messages),
                                 cmd.prompt_version)
-            # Step 4: cache (fail open).
-            if cacheable and not cmd.cache.no_cache:
-                hit = await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=False)
-                if hit is not None:
-                    self._serve_hit(attempt, hit)
-                    yield hit.content
-                    yield self._summary(attempt)
-                    return
-            # Step 6: reserve capacity.
-            try:
-                await self._reserve(attempt, deadline)
-            except QuotaExceeded as exc:
-                if exc.reason != BUDGET_EXHAUSTED or cmd.cache.no_cache:
-                    raise
-                # A budget at 100 % still lets the tenant read what it already paid for: any cached
-                # answer, stale included; otherwise the ratelimit service's error goes back as is
-                # (RESOURCE_EXHAUSTED, QuotaFailure naming the level, RetryInfo = window reset).
-                hit = await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=True)
-                if hit is None:
-                    raise
+            tier = effective_tier(key.tier, cmd.priority)
+            # Steps 4 and 6 at once: the cache lookup (fail open; in cache-only mode a stale answer is better
+            # than none) and the reservation run concurrently, so a miss pays one round trip, not two. A hit
+            # releases the reservation in settlement. No reservation when the request could not go on anyway:
+            # shed by priority, or cache-only and not this interval's probe.
+            lookup = (asyncio.ensure_future(self._lookup(attempt, ns, chain[0], cmd, deadline,
+                                                         allow_stale=level == Level.CACHE_ONLY))
+                      if cacheable and not cmd.cache.no_cache else None)
+            may_generate = level != Level.CACHE_ONLY or (self._degradation is not None
+                                                         and self._degradation.allow_probe())
+            if may_generate and (self._shedder is None or self._shedder.would_admit(tier)):
+                attempt.reserving = asyncio.ensure_future(self._reserve(attempt, deadline))
+            hit = await lookup if lookup is not None else None
+            if hit is not None:
                 self._serve_hit(attempt, hit)
-                attempt.degraded.append("budget")
                 yield hit.content
                 yield self._summary(attempt)
                 return
-            if attempt.reservation is not None and attempt.reservation.prefer_cheaper:
-                # >= 95 % of a budget: move to the cheapest model of the cheap tier (DESIGN step 3);
-                # the reservation held the dearer estimate and the commit settles the real cost.
-                cheaper = self._cheaper_chain(key, chain)
-                if cheaper[0] != chain[0]:
-                    chain = cheaper
-                    ns = replace(ns, model_class=chain[0].name)
-                    attempt.degraded.append("budget")
-            # Steps 7-8: generate through the first healthy member of the chain.
-            async for delta in self._generate_through_chain(attempt, chain, deadline):
-                yield delta
+            if not may_generate:
+                assert self._degradation is not None
+                raise Unavailable(
+                    f"the gateway is serving cached answers only ({self._degradation.reason}) and has none for "
+                    "this request; retry shortly", reason="CACHE_ONLY", retry_after_s=self._degradation.retry_after_s)
+            # Priority shedding (after the cache: a hit costs no backend capacity).
+            with self._shedder.admit(tier) if self._shedder else nullcontext():
+                # Step 6: the reservation (started above unless the shedder refused before the lookup).
+                try:
+                    await (attempt.reserving or self._reserve(attempt, deadline))
+                except QuotaExceeded as exc:
+                    if exc.reason != BUDGET_EXHAUSTED or cmd.cache.no_cache:
+                        raise
+                    # A budget at 100 % still lets the tenant read what it already paid for: any cached
+                    # answer, stale included; otherwise the ratelimit service's error goes back as is
+                    # (RESOURCE_EXHAUSTED, QuotaFailure naming the level, RetryInfo = window reset).
+                    hit = await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=True)
+                    if hit is None:
+                        raise
+                    self._serve_hit(attempt, hit)
+                    attempt.degrade("budget", "budget exhausted: served from cache")
+                    yield hit.content
+                    yield self._summary(attempt)
+                    return
+                if attempt.reservation is not None and attempt.reservation.prefer_cheaper:
+                    # >= 95 % of a budget: move to the cheapest model of the cheap tier (DESIGN step 3);
+                    # the reservation held the dearer estimate and the commit settles the real cost.
+                    cheaper = self._cheaper_chain(key, chain)
+                    if cheaper[0] != chain[0]:
+                        chain = cheaper
+                        ns = replace(ns, model_class=chain[0].name)
+                        attempt.degrade("budget", "budget at 95 %: moved to the cheaper model")
+                if level == Level.REDUCED:
+                    assert self._degradation is not None
+                    cheaper = self._cheaper_chain(key, chain)
+                    if cheaper[0] != chain[0]:
+                        chain = cheaper
+                        ns = replace(ns, model_class=chain[0].name)
+                    attempt.degrade(self._degradation.reason_code, f"reduced mode: {self._degradation.reason}")
+                # Steps 7-8: generate through the first healthy member of the chain, with retries.
+                async for delta in self._generate_through_chain(attempt, chain, deadline):
+                    yield delta
             if attempt.finish is None:  # every backend failed: degraded path
                 hit = (await self._lookup(attempt, ns, chain[0], cmd, deadline, allow_stale=True)
                        if not cmd.cache.no_cache else None)
                 if hit is None:
                     raise Unavailable(f"no backend can serve {chain[0].name!r} right now and no cached answer "
-                                      "exists; retry shortly", reason="NO_BACKEND")
+                                      f"exists ({attempt.attempts} attempts); retry shortly", reason="NO_BACKEND")
                 self._serve_hit(attempt, hit)
-                attempt.degraded.append("no_backend")
+                attempt.degrade("no_backend", "every backend failed: served from cache")
                 yield hit.content
             elif cacheable and not cmd.cache.no_store and attempt.finish in (FinishReason.STOP, FinishReason.LENGTH):
                 attempt.store_ns = ns
@@ -336,7 +465,7 @@ class Gateway:
         except GeneratorExit:
             attempt.status, attempt.finish = "cancelled", FinishReason.CANCELLED
             raise
-        except QuotaExceeded as exc:
+        except (QuotaExceeded, Overloaded) as exc:
             attempt.status, attempt.error_reason = "rejected", exc.reason
             raise
         except TollgateError as exc:
@@ -363,7 +492,7 @@ class Gateway:
             if cmd.retrieval.required:
                 raise Unavailable(f"retrieval is required for this request and unavailable ({exc.reason})",
                                   reason="RETRIEVAL_UNAVAILABLE") from None
-            attempt.degraded.append("retrieval_unavailable")
+            attempt.degrade("retrieval_unavailable", f"answered without retrieved context ({exc.reason})")
             return cmd
         context = assemble_context(hits, cmd.retrieval.max_context_tokens)
         if not context.text:
@@ -394,7 +523,7 @@ class Gateway:
         attempt.saved_nano_usd = attempt.price.cost(hit.usage)
         attempt.usage = TokenUsage(0, 0, 0)
         if hit.stale:
-            attempt.degraded.append("stale_cache")
+            attempt.degrade("stale_cache", "the cached answer is past its freshness")
 
     async def _reserve(self, attempt: _Attempt, deadline: Deadline) -> None:
         cmd = attempt.cmd
@@ -409,45 +538,130 @@ class Gateway:
             # stands in; until that lands the request is admitted and marked).
             log.warning("ratelimit unavailable (%s): admitting request %s unreserved", exc.reason,
                         attempt.request_id)
-            attempt.degraded.append("ratelimit_unavailable")
+            attempt.degrade("ratelimit_unavailable", "admitted without a limit check (limiter unreachable)")
             return
         if attempt.reservation.degraded:
-            attempt.degraded.append("ratelimit_unavailable")
+            attempt.degrade("ratelimit_unavailable", "the limiter ran without its store")
 
     async def _generate_through_chain(self, attempt: _Attempt, chain: list[ModelEntry],
                                       deadline: Deadline) -> AsyncIterator[str]:
+        """Try (model, replica) candidates in chain order, each model's replicas least busy first.
+
+        A retryable failure (backend down, overloaded, a provider's 429) moves on to the next candidate at
+        once; when a whole round has failed, the next round waits an exponential backoff with jitter (or
+        the backends' retry-after, if longer) and only starts if that leaves time before the caller's
+        deadline. All attempts of a request share ``RetryPolicy.max_attempts``. A prompt too long for a
+        model skips it for one with a larger context window. Once a delta has reached the client the
+        request cannot switch backends, so a failure then is final.
+        """
         cmd = attempt.cmd
         params = cmd.params
         if not params.max_output_tokens:
             params = GenerationParams(params.temperature, params.top_p, self._default_max_output, params.stop,
                                       params.seed)
+        prompt_tokens = estimate_prompt_tokens(m.content for m in cmd.messages)
+        chain = self._fit_context(attempt, chain, prompt_tokens)
         last_error: TollgateError | None = None
-        for model, target in self._candidates(chain):
-            attempt.model, attempt.price = model, self._price(model, attempt.started_at)
-            try:
-                async for chunk in self._inference.generate(target, attempt.request_id,
-                                                            model.name, cmd.messages, params, deadline):
-                    attempt.counted_output_tokens += chunk.output_tokens
-                    if chunk.delta:
-                        attempt.text.append(chunk.delta)
-                        yield chunk.delta
-                    if chunk.finish_reason is not None:
-                        attempt.finish = chunk.finish_reason
-                        attempt.usage = chunk.usage
-                        attempt.provider = chunk.provider
-                return
-            except (Unavailable, Overloaded, QuotaExceeded) as exc:
-                if attempt.text:
-                    raise  # tokens already reached the client: cannot switch models mid-answer
-                log.warning("model %s at %s failed (%s); trying the next candidate", model.name, target, exc.reason)
-                last_error = exc
+        round_no = 0
+        while True:
+            hints: list[float] = []
+            tried = 0
+            for model in list(chain):
+                if model not in chain:
+                    continue  # dropped by a context-window overflow this round
+                for target in self._inference.order(model.targets):
+                    if attempt.attempts >= self._retry.max_attempts:
+                        break
+                    attempt.attempts += 1
+                    tried += 1
+                    attempt.model, attempt.price = model, self._price(model, attempt.started_at)
+                    try:
+                        async for chunk in self._inference.generate(target, attempt.request_id,
+                                                                    model.name, cmd.messages, params, deadline):
+                            attempt.counted_output_tokens += chunk.output_tokens
+                            if chunk.delta:
+                                attempt.text.append(chunk.delta)
+                                yield chunk.delta
+                            if chunk.finish_reason is not None:
+                                attempt.finish = chunk.finish_reason
+                                attempt.usage = chunk.usage
+                                attempt.provider = chunk.provider
+                        self._observe(failed=False)
+                        return
+                    except TollgateError as exc:
+                        if attempt.text:
+                            raise  # tokens already reached the client: cannot switch models mid-answer
+                        if is_context_overflow(exc):
+                            chain = self._after_overflow(attempt, chain, model, prompt_tokens)
+                            break
+                        if not is_retryable(exc):
+                            raise
+                        if is_backend_fault(exc):
+                            self._observe(failed=True)
+                        hint = retry_after(exc)
+                        if hint is not None:
+                            hints.append(hint)
+                            if isinstance(exc, QuotaExceeded | Overloaded):
+                                # A provider's 429 or a full replica: not a breaker failure; honour its retry-after.
+                                self._inference.cool_down(target, hint)
+                        log.warning("request %s: model %s at %s failed (%s), attempt %d of %d", attempt.request_id,
+                                    model.name, target, exc.reason, attempt.attempts, self._retry.max_attempts)
+                        last_error = exc
+            if attempt.attempts >= self._retry.max_attempts or not chain:
+                break
+            round_no += 1
+            wait = self._retry.backoff(round_no)
+            if tried == 0:
+                # Nothing was callable this round: wait for a cooling replica, if any will come back.
+                cooling = [c for m in chain if (c := self._inference.cooling_for(m.targets)) is not None]
+                if not cooling:
+                    break
+                wait = max(wait, min(cooling))
+            elif hints and len(hints) == tried:
+                wait = max(wait, min(hints))
+            if deadline.remaining() < wait + self._retry.min_attempt_s:
+                break  # never retry past the caller's deadline
+            await asyncio.sleep(wait)
         if last_error is not None:
-            log.warning("every backend failed for request %s: %s", attempt.request_id, last_error.reason)
+            log.warning("every backend failed for request %s after %d attempts: %s", attempt.request_id,
+                        attempt.attempts, last_error.reason)
 
-    def _candidates(self, chain: list[ModelEntry]) -> list[tuple[ModelEntry, str]]:
-        """Every (model, replica) to try in order: the chain's order, each model's replicas least busy first;
-        replicas whose breaker is open are left out."""
-        return [(model, target) for model in chain for target in self._inference.order(model.targets)]
+    def _fit_context(self, attempt: _Attempt, chain: list[ModelEntry], prompt_tokens: int) -> list[ModelEntry]:
+        """Leave out the models whose context window the prompt does not fit; if none is left, fall back to
+        the registry's model with the smallest window that fits."""
+        fits = fitting(chain, prompt_tokens)
+        if fits:
+            return fits
+        bigger = larger_window([m for m in self._registry.models() if attempt.key.may_use(m.name)],
+                               max(m.context_window for m in chain), prompt_tokens, chain[0].cost_tier)
+        if bigger is None:
+            error = InvalidArgument([FieldViolation(
+                "input.messages", f"about {prompt_tokens} prompt tokens do not fit the context window of any "
+                                  "model this key may use")])
+            error.reason = CONTEXT_WINDOW_EXCEEDED
+            raise error
+        attempt.route_reason = (attempt.route_reason + "; " if attempt.route_reason else "") + \
+            f"context window: {chain[0].name} ({chain[0].context_window}) -> {bigger.name} ({bigger.context_window})"
+        return [bigger]
+
+    def _after_overflow(self, attempt: _Attempt, chain: list[ModelEntry], model: ModelEntry,
+                        prompt_tokens: int) -> list[ModelEntry]:
+        """The backend said the prompt does not fit ``model``: drop it and every model with no larger window,
+        adding the registry's next larger window when the chain has none."""
+        rest = [m for m in chain if m != model and (m.context_window <= 0 or m.context_window > model.context_window)]
+        if rest:
+            return rest
+        bigger = larger_window([m for m in self._registry.models() if attempt.key.may_use(m.name)],
+                               model.context_window, prompt_tokens, model.cost_tier, exclude=chain)
+        if bigger is None:
+            return []
+        attempt.route_reason = (attempt.route_reason + "; " if attempt.route_reason else "") + \
+            f"context window: {model.name} overflowed -> {bigger.name} ({bigger.context_window})"
+        return [bigger]
+
+    def _observe(self, *, failed: bool) -> None:
+        if self._degradation is not None:
+            self._degradation.record(failed=failed)
 
     def _price(self, model: ModelEntry, started_at: datetime) -> Price:
         # The version in force when the request started (issue 6), even if it generates after a change.
@@ -466,7 +680,9 @@ class Gateway:
             cache_tier=attempt.cache_tier, degraded_reasons=list(attempt.degraded),
             finish_reason=attempt.finish or FinishReason.STOP, latency_s=time.monotonic() - attempt.t0,
             price_version=attempt.price.version,
-            cited_chunk_ids=cited_chunk_ids("".join(attempt.text), attempt.context) if attempt.context else [])
+            cited_chunk_ids=cited_chunk_ids("".join(attempt.text), attempt.context) if attempt.context else [],
+            degradation_level=attempt.level.name.lower(), degraded_detail="; ".join(attempt.degraded_detail),
+            route_reason=attempt.route_reason, attempts=attempt.attempts, variant=attempt.variant)
 
     # --- settlement (steps 8-10), off the critical path ----------------------------------
 
@@ -479,9 +695,14 @@ class Gateway:
         usage = attempt.billed_usage()
         cost = attempt.price.cost(usage)
         settle_deadline = Deadline.after(5.0)
+        if attempt.reserving is not None and not attempt.reserving.done():
+            # A cache hit (or an early exit) answered while the reservation was still in flight.
+            await asyncio.wait([attempt.reserving], timeout=settle_deadline.remaining())
+        if attempt.reserving is not None and attempt.reserving.done() and not attempt.reserving.cancelled():
+            attempt.reserving.exception()  # retrieved: a refused reservation is no settlement's business
         try:
             if attempt.reservation is not None:
-                if attempt.text or attempt.usage:
+                if attempt.cache_tier == "miss" and (attempt.text or attempt.usage):
                     await self._ratelimit.commit(attempt.reservation.reservation_id, usage.total, cost,
                                                  settle_deadline)
                 else:
@@ -506,7 +727,7 @@ class Gateway:
             saved_nano_usd=attempt.saved_nano_usd, price_version=attempt.price.version or None,
             cache_tier=attempt.cache_tier, status=attempt.status, error_reason=attempt.error_reason,
             latency_ms=int((time.monotonic() - attempt.t0) * 1000), degraded=bool(attempt.degraded),
-            labels=dict(attempt.cmd.labels)))
+            variant=attempt.variant, labels=dict(attempt.cmd.labels)))
 
     async def aclose(self) -> None:
         """Wait for in-flight settlements (shutdown must not lose usage)."""

@@ -47,6 +47,8 @@ HASH_RATIONALE = (
     "indexed lookup."
 )
 REVOCATION_CHANNEL = "keys:revoked"
+# Service tiers, most sheddable first.
+KEY_TIERS = ("free", "pro", "enterprise")
 
 
 def new_key() -> str:
@@ -69,6 +71,8 @@ class KeyRecord:
     allowed_models: tuple[str, ...]
     expires_at: datetime | None
     revoked: bool
+    # Service tier: "free" | "pro" | "enterprise" (who is shed first under overload).
+    tier: str = "pro"
 
     @property
     def is_admin(self) -> bool:

@@ -18,22 +18,39 @@ from libs.clients import Downstream
 from libs.grpc_server import ServiceBinding, run, serve_until_stopped
 from libs.settings import load_settings
 from services.router.bootstrap import apply_migrations
+from services.router.complexity import DEFAULT_MODEL_PATH, ComplexityModelError, ComplexityRouter
 from services.router.control import ControlPlane
 from services.router.db import create_pool
+from services.router.degradation import DegradationController, DegradationPolicy
 from services.router.downstreams import (
     GrpcCacheClient,
     GrpcInferenceClient,
     GrpcRateLimitClient,
     GrpcRetrievalClient,
 )
-from services.router.gateway import Gateway
+from services.router.experiments import ExperimentBook, ExperimentStore
+from services.router.failover import RetryPolicy
+from services.router.gateway import AutoRouter, Gateway
 from services.router.keys import Authenticator, RevocationBus
 from services.router.registry import Registry
 from services.router.servicer import AdminServicer, RouterServicer
 from services.router.settings import RouterSettings
+from services.router.shedding import LoadShedder, SheddingPolicy
 from services.router.usage import LedgerWriter, UsageRecorder
 
 log = logging.getLogger(__name__)
+
+
+def _auto_router(settings: RouterSettings) -> AutoRouter | None:
+    """The complexity router for model "auto"; without its model files "auto" means the cheap tier (logged)."""
+    try:
+        router = ComplexityRouter.load(Path(settings.auto_router_model) if settings.auto_router_model
+                                       else DEFAULT_MODEL_PATH, threshold=settings.auto_router_threshold)
+    except ComplexityModelError as exc:
+        log.warning("complexity router not loaded (%s): model 'auto' uses the cheap tier", exc)
+        return None
+    log.info("complexity router loaded: threshold %.3f", router.threshold)
+    return router
 
 
 async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Callable[[], Awaitable[None]]]:
@@ -45,6 +62,9 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
     control = ControlPlane(pool, revocations)
     registry = Registry(pool, settings.registry_refresh_s)
     await registry.load()
+    experiments = ExperimentStore(pool)
+    experiment_book = ExperimentBook(experiments, settings.registry_refresh_s)
+    await experiment_book.load()
     auth = Authenticator(control, cache_ttl_s=settings.key_cache_ttl_s)
 
     margin, side_cap = settings.hop_margin_s, settings.side_call_timeout_s
@@ -55,26 +75,47 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
                               margin_s=margin, cap_s=side_cap)
     inference = GrpcInferenceClient(margin_s=settings.hop_margin_s, cap_s=settings.max_timeout_s,
                                     fail_max=settings.breaker_fail_max,
-                                    reset_timeout_s=settings.breaker_reset_timeout_s)
+                                    reset_timeout_s=settings.breaker_reset_timeout_s,
+                                    error_rate=settings.breaker_error_rate, window_s=settings.breaker_window_s,
+                                    min_calls=settings.breaker_min_calls)
+    shedder = LoadShedder(SheddingPolicy(
+        max_in_flight=settings.shed_max_in_flight, free_share=settings.shed_free_share,
+        pro_share=settings.shed_pro_share, retry_after_s=settings.shed_retry_after_s),
+        backend_pressure=inference.pressure)
+    degradation = DegradationController(DegradationPolicy(
+        window_s=settings.degradation_window_s, min_samples=settings.degradation_min_samples,
+        reduced_error_rate=settings.degradation_reduced_error_rate,
+        cache_only_error_rate=settings.degradation_cache_only_error_rate,
+        reduced_pressure=settings.degradation_reduced_pressure, recover_s=settings.degradation_recover_s,
+        probe_interval_s=settings.degradation_probe_interval_s),
+        pressure=shedder.pressure) if settings.degradation_enabled else None
     stream_key = f"{settings.redis_prefix}{settings.usage_stream}"
     recorder = UsageRecorder(redis_client, stream_key, Path(settings.data_dir) / "spool")
     gateway = Gateway(registry=registry, cache=GrpcCacheClient(cache_ds), ratelimit=GrpcRateLimitClient(ratelimit_ds),
                       inference=inference, usage=recorder,
                       default_max_output_tokens=settings.default_max_output_tokens,
                       side_call_timeout_s=settings.side_call_timeout_s,
-                      retrieval=GrpcRetrievalClient(retrieval_ds), retrieval_timeout_s=settings.retrieval_timeout_s)
+                      retrieval=GrpcRetrievalClient(retrieval_ds), retrieval_timeout_s=settings.retrieval_timeout_s,
+                      retry=RetryPolicy(max_attempts=settings.retry_max_attempts,
+                                        backoff_base_s=settings.retry_backoff_base_s,
+                                        backoff_max_s=settings.retry_backoff_max_s),
+                      degradation=degradation, shedder=shedder, experiments=experiment_book,
+                      auto_router=_auto_router(settings))
 
     background = [asyncio.create_task(registry.refresh_forever(), name="registry-refresh"),
                   asyncio.create_task(recorder.replay_forever(), name="usage-spool-replay"),
-                  asyncio.create_task(revocations.listen_forever(auth), name="key-revocations")]
+                  asyncio.create_task(revocations.listen_forever(auth), name="key-revocations"),
+                  asyncio.create_task(experiment_book.refresh_forever(), name="experiments-refresh")]
     if settings.run_ledger_writer:
         writer = LedgerWriter(redis_client, pool, stream_key, consumer=f"{socket.gethostname()}-{os.getpid()}",
-                              batch_size=settings.ledger_batch_size)
+                              batch_size=settings.ledger_batch_size, linger_s=settings.ledger_linger_s)
         background.append(asyncio.create_task(writer.run_forever(), name="ledger-writer"))
 
     router = RouterServicer(gateway, auth, default_timeout_s=settings.default_timeout_s,
-                            max_timeout_s=settings.max_timeout_s)
-    admin = AdminServicer(control, auth, registry)
+                            max_timeout_s=settings.max_timeout_s, experiments=experiments,
+                            trusted_proxies=frozenset(p.strip() for p in settings.trusted_proxies.split(",")
+                                                      if p.strip()))
+    admin = AdminServicer(control, auth, registry, experiments=experiments, experiment_book=experiment_book)
     bindings = [
         ServiceBinding("tollgate.router.v1.RouterService",
                        lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(router, s)),

@@ -19,10 +19,21 @@ from libs.chat import (
     validate_messages,
     validate_params,
 )
+from libs.clients import CLIENT_IP_METADATA
 from libs.deadlines import Deadline
-from libs.errors import Violations
+from libs.errors import Unavailable, Violations
 from services.router.control import ControlPlane
-from services.router.gateway import CachePolicy, Gateway, GenerateCommand, RetrievalPolicy, Summary
+from services.router.experiments import (
+    DEFAULT_ALPHA,
+    DOWN,
+    MAX_REQUEST_ID,
+    UP,
+    Experiment,
+    ExperimentBook,
+    ExperimentStore,
+    Variant,
+)
+from services.router.gateway import AUTO_MODEL, CachePolicy, Gateway, GenerateCommand, RetrievalPolicy, Summary
 from services.router.keys import HASH_ALGORITHM, HASH_RATIONALE, Authenticator, KeyRecord, require_admin
 from services.router.registry import Registry
 
@@ -30,23 +41,37 @@ _TIER = {"miss": common_pb2.CACHE_TIER_MISS, "exact": common_pb2.CACHE_TIER_EXAC
          "semantic": common_pb2.CACHE_TIER_SEMANTIC}
 _DEGRADED = {
     "no_backend": router_pb2.DEGRADED_REASON_NO_BACKEND,
-    "stale_cache": router_pb2.DEGRADED_REASON_NO_BACKEND,
+    "stale_cache": router_pb2.DEGRADED_REASON_STALE_CACHE,
+    "backend_errors": router_pb2.DEGRADED_REASON_BACKEND_ERRORS,
     "budget": router_pb2.DEGRADED_REASON_BUDGET,
     "load": router_pb2.DEGRADED_REASON_LOAD,
     "retrieval_unavailable": router_pb2.DEGRADED_REASON_RETRIEVAL_UNAVAILABLE,
     "ratelimit_unavailable": router_pb2.DEGRADED_REASON_RATELIMIT_UNAVAILABLE,
 }
+_LEVEL = {"full": router_pb2.DEGRADATION_LEVEL_FULL, "reduced": router_pb2.DEGRADATION_LEVEL_REDUCED,
+          "cache_only": router_pb2.DEGRADATION_LEVEL_CACHE_ONLY}
+_PRIORITY = {router_pb2.PRIORITY_UNSPECIFIED: "normal", router_pb2.PRIORITY_LOW: "low",
+             router_pb2.PRIORITY_NORMAL: "normal", router_pb2.PRIORITY_HIGH: "high"}
 _SCOPE = {common_pb2.LIMIT_SCOPE_GLOBAL: "global", common_pb2.LIMIT_SCOPE_ORG: "org",
           common_pb2.LIMIT_SCOPE_TEAM: "team", common_pb2.LIMIT_SCOPE_KEY: "key",
           common_pb2.LIMIT_SCOPE_CLIENT_IP: "client_ip"}
 _SCOPE_PROTO = {v: k for k, v in _SCOPE.items()}
 _ROLE = {admin_pb2.KEY_ROLE_ADMIN: "admin", admin_pb2.KEY_ROLE_MEMBER: "member"}
 _ROLE_PROTO = {v: k for k, v in _ROLE.items()}
+_KEY_TIER = {admin_pb2.KEY_TIER_UNSPECIFIED: "pro", admin_pb2.KEY_TIER_FREE: "free", admin_pb2.KEY_TIER_PRO: "pro",
+             admin_pb2.KEY_TIER_ENTERPRISE: "enterprise"}
+_KEY_TIER_PROTO = {"free": admin_pb2.KEY_TIER_FREE, "pro": admin_pb2.KEY_TIER_PRO,
+                   "enterprise": admin_pb2.KEY_TIER_ENTERPRISE}
 _COST_TIER = {admin_pb2.COST_TIER_CHEAP: "cheap", admin_pb2.COST_TIER_STRONG: "strong"}
 _COST_TIER_PROTO = {v: k for k, v in _COST_TIER.items()}
 _GROUP = {admin_pb2.USAGE_GROUP_BY_ORG: "org", admin_pb2.USAGE_GROUP_BY_TEAM: "team",
           admin_pb2.USAGE_GROUP_BY_KEY: "key", admin_pb2.USAGE_GROUP_BY_MODEL: "model",
           admin_pb2.USAGE_GROUP_BY_DAY: "day"}
+
+_FEEDBACK = {router_pb2.FEEDBACK_SCORE_UP: UP, router_pb2.FEEDBACK_SCORE_DOWN: DOWN}
+_METRIC = {"latency_ms": admin_pb2.EXPERIMENT_METRIC_LATENCY, "cost_nano_usd": admin_pb2.EXPERIMENT_METRIC_COST,
+           "error_rate": admin_pb2.EXPERIMENT_METRIC_ERROR_RATE,
+           "feedback_up_rate": admin_pb2.EXPERIMENT_METRIC_FEEDBACK_UP_RATE}
 
 MAX_LABELS = 32
 MAX_RETRIEVAL_TOP_K = 100
@@ -60,7 +85,7 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-def _client_ip(context: grpc.aio.ServicerContext) -> str:
+def _peer_ip(context: grpc.aio.ServicerContext) -> str:
     # "ipv4:127.0.0.1:5555" / "ipv6:[::1]:5555"
     peer = context.peer() or ""
     kind, _, rest = peer.partition(":")
@@ -71,10 +96,33 @@ def _client_ip(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def _client_ip(context: grpc.aio.ServicerContext, trusted_proxies: frozenset[str]) -> str:
+    """The peer's address; for a trusted proxy (the HTTP edge), the client address it forwards."""
+    peer = _peer_ip(context)
+    if peer in trusted_proxies:
+        for key, value in context.invocation_metadata() or ():
+            if key == CLIENT_IP_METADATA and isinstance(value, str) and 0 < len(value) <= 64:
+                return value
+    return peer
+
+
 def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(dt)
     return ts
+
+
+def _experiment_store(store: ExperimentStore | None) -> ExperimentStore:
+    if store is None:
+        raise Unavailable("A/B experiments are not enabled on this router", reason="EXPERIMENTS_DISABLED")
+    return store
+
+
+def experiment_to_proto(e: Experiment) -> admin_pb2.ExperimentInfo:
+    return admin_pb2.ExperimentInfo(
+        name=e.name, model=e.model, active=e.active, created_at=_ts(e.created_at), created_by=e.created_by,
+        ended_at=_ts(e.ended_at) if e.ended_at else None,
+        variants=[admin_pb2.ExperimentVariant(name=v.name, model=v.model, weight=v.weight) for v in e.variants])
 
 
 def _command(inp: router_pb2.GenerationInput, client_ip: str) -> GenerateCommand:
@@ -88,6 +136,7 @@ def _command(inp: router_pb2.GenerationInput, client_ip: str) -> GenerateCommand
     v.check(len(inp.prompt_version) <= 128, "input.prompt_version", "at most 128 characters")
     v.check(inp.cache_control.max_age_seconds <= 30 * 86400, "input.cache_control.max_age_seconds",
             "at most 30 days")
+    v.check(inp.priority in _PRIORITY, "input.priority", "must be a Priority value")
     v.check(inp.retrieval.top_k <= MAX_RETRIEVAL_TOP_K, "input.retrieval.top_k", f"at most {MAX_RETRIEVAL_TOP_K}")
     v.check(inp.retrieval.max_context_tokens <= MAX_CONTEXT_TOKENS, "input.retrieval.max_context_tokens",
             f"at most {MAX_CONTEXT_TOKENS}")
@@ -101,7 +150,8 @@ def _command(inp: router_pb2.GenerationInput, client_ip: str) -> GenerateCommand
         retrieval=RetrievalPolicy(enabled=inp.retrieval.enabled, required=inp.retrieval.required,
                                   top_k=inp.retrieval.top_k or RetrievalPolicy.top_k,
                                   max_context_tokens=inp.retrieval.max_context_tokens
-                                  or RetrievalPolicy.max_context_tokens))
+                                  or RetrievalPolicy.max_context_tokens),
+        priority=_PRIORITY[inp.priority])
 
 
 def summary_to_proto(s: Summary) -> router_pb2.GenerationSummary:
@@ -113,11 +163,16 @@ def summary_to_proto(s: Summary) -> router_pb2.GenerationSummary:
         cache_tier=_TIER.get(s.cache_tier, common_pb2.CACHE_TIER_UNSPECIFIED), degraded=s.degraded,
         degraded_reasons=sorted({_DEGRADED[r] for r in s.degraded_reasons if r in _DEGRADED}),
         finish_reason=finish_to_proto(s.finish_reason), latency=latency, price_version=s.price_version,
-        cited_chunk_ids=s.cited_chunk_ids)
+        cited_chunk_ids=s.cited_chunk_ids, variant=s.variant,
+        degradation_level=_LEVEL.get(s.degradation_level, router_pb2.DEGRADATION_LEVEL_UNSPECIFIED),
+        degraded_detail=s.degraded_detail, route_reason=s.route_reason, attempts=s.attempts)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, gateway: Gateway, auth: Authenticator, *, default_timeout_s: float, max_timeout_s: float):
+    def __init__(self, gateway: Gateway, auth: Authenticator, *, default_timeout_s: float, max_timeout_s: float,
+                 experiments: ExperimentStore | None = None, trusted_proxies: frozenset[str] = frozenset()):
+        self._experiments = experiments
+        self._trusted_proxies = trusted_proxies
         self._gateway = gateway
         self._auth = auth
         self._default_timeout = default_timeout_s
@@ -126,7 +181,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def _begin(self, inp: router_pb2.GenerationInput,
                      context: grpc.aio.ServicerContext) -> tuple[KeyRecord, GenerateCommand, Deadline]:
         key = await self._auth.authenticate(_authorization(context))
-        cmd = _command(inp, _client_ip(context))
+        cmd = _command(inp, _client_ip(context, self._trusted_proxies))
         deadline = Deadline.from_remaining(context.time_remaining(), default_s=self._default_timeout,
                                            max_s=self._max_timeout)
         return key, cmd, deadline
@@ -157,9 +212,33 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
+    async def SubmitFeedback(self, request: router_pb2.SubmitFeedbackRequest,
+                             context: grpc.aio.ServicerContext) -> router_pb2.SubmitFeedbackResponse:
+        key = await self._auth.authenticate(_authorization(context))
+        v = Violations()
+        v.check(0 < len(request.request_id) <= MAX_REQUEST_ID, "request_id",
+                f"required, at most {MAX_REQUEST_ID} characters")
+        v.check(request.score in _FEEDBACK, "score", "must be FEEDBACK_SCORE_UP or FEEDBACK_SCORE_DOWN")
+        v.raise_if_any()
+        # Re-submitting replaces the score (last one wins); another org's request is NOT_FOUND.
+        await _experiment_store(self._experiments).record_feedback(key.principal, request.request_id,
+                                                                   _FEEDBACK[request.score])
+        return router_pb2.SubmitFeedbackResponse()
+
+    async def ListAvailableModels(self, request: router_pb2.ListAvailableModelsRequest,
+                                  context: grpc.aio.ServicerContext) -> router_pb2.ListAvailableModelsResponse:
+        key = await self._auth.authenticate(_authorization(context))
+        models = self._gateway.available_models(key)
+        listed = [router_pb2.AvailableModel(name=AUTO_MODEL, provider="tollgate")] if models else []
+        listed += [router_pb2.AvailableModel(name=m.name, provider=m.provider, context_window=m.context_window,
+                                             cost_tier=m.cost_tier) for m in models]
+        return router_pb2.ListAvailableModelsResponse(models=listed)
+
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, control: ControlPlane, auth: Authenticator, registry: Registry):
+    def __init__(self, control: ControlPlane, auth: Authenticator, registry: Registry, *,
+                 experiments: ExperimentStore | None = None, experiment_book: ExperimentBook | None = None):
+        self._experiments, self._experiment_book = experiments, experiment_book
         self._control = control
         self._auth = auth
         self._registry = registry
@@ -182,10 +261,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         actor = await self._admin(context)
         v = Violations()
         v.check(request.role in _ROLE, "role", "must be KEY_ROLE_MEMBER or KEY_ROLE_ADMIN")
+        v.check(request.tier in _KEY_TIER, "tier", "must be a KeyTier value")
         v.raise_if_any()
         created = await self._control.create_key(
             actor, org_id=request.org_id, team_id=request.team_id, name=request.name, role=_ROLE[request.role],
-            allowed_models=list(request.allowed_models),
+            allowed_models=list(request.allowed_models), tier=_KEY_TIER[request.tier],
             expires_at=request.expires_at.ToDatetime(UTC) if request.HasField("expires_at") else None)
         return admin_pb2.CreateKeyResponse(key_id=created.key_id, key=created.secret, hash_algorithm=HASH_ALGORITHM,
                                            hash_rationale=HASH_RATIONALE)
@@ -207,7 +287,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             name=k.name, role=_ROLE_PROTO[k.record.role], allowed_models=list(k.record.allowed_models),
             display_prefix=k.display_prefix, revoked=k.record.revoked, created_at=_ts(k.created_at),
             expires_at=_ts(k.record.expires_at) if k.record.expires_at else None,
-            revoked_at=_ts(k.revoked_at) if k.revoked_at else None) for k in keys])
+            revoked_at=_ts(k.revoked_at) if k.revoked_at else None, tier=_KEY_TIER_PROTO[k.record.tier])
+            for k in keys])
 
     async def SetLimits(self, request: admin_pb2.SetLimitsRequest, context: Any) -> admin_pb2.SetLimitsResponse:
         actor = await self._admin(context)
@@ -326,3 +407,53 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             output_nano_usd_per_mtok=p.output_per_mtok, cached_input_nano_usd_per_mtok=p.cached_input_per_mtok,
             effective_from=_ts(p.effective_from), created_at=_ts(p.created_at))
             for p in await self._control.list_prices(request.model)])
+
+    async def CreateExperiment(self, request: admin_pb2.CreateExperimentRequest,
+                               context: Any) -> admin_pb2.CreateExperimentResponse:
+        actor = await self._admin(context)
+        created = await _experiment_store(self._experiments).create(
+            actor, request.name, request.model, [Variant(v.name, v.model, v.weight) for v in request.variants])
+        if self._experiment_book is not None:  # this router at once; the others within their refresh period
+            await self._experiment_book.load()
+        return admin_pb2.CreateExperimentResponse(experiment=experiment_to_proto(created))
+
+    async def EndExperiment(self, request: admin_pb2.EndExperimentRequest,
+                            context: Any) -> admin_pb2.EndExperimentResponse:
+        actor = await self._admin(context)
+        v = Violations()
+        v.check(bool(request.name), "name", "required")
+        v.raise_if_any()
+        ended = await _experiment_store(self._experiments).end(actor, request.name)
+        if self._experiment_book is not None:
+            await self._experiment_book.load()
+        return admin_pb2.EndExperimentResponse(experiment=experiment_to_proto(ended))
+
+    async def ListExperiments(self, request: admin_pb2.ListExperimentsRequest,
+                              context: Any) -> admin_pb2.ListExperimentsResponse:
+        await self._admin(context)
+        experiments = await _experiment_store(self._experiments).list_experiments(
+            active_only=request.active_only)
+        return admin_pb2.ListExperimentsResponse(experiments=[experiment_to_proto(e) for e in experiments])
+
+    async def GetExperimentReport(self, request: admin_pb2.GetExperimentReportRequest,
+                                  context: Any) -> admin_pb2.GetExperimentReportResponse:
+        await self._admin(context)
+        v = Violations()
+        v.check(bool(request.name), "name", "required")
+        v.check(request.alpha == 0 or 0 < request.alpha < 1, "alpha", "must be between 0 and 1 (0: 0.05)")
+        v.raise_if_any()
+        report = await _experiment_store(self._experiments).report(request.name, request.alpha or DEFAULT_ALPHA)
+        return admin_pb2.GetExperimentReportResponse(
+            experiment=experiment_to_proto(report.experiment), alpha=report.alpha,
+            corrected_alpha=report.corrected_alpha,
+            variants=[admin_pb2.ExperimentVariantMetrics(
+                variant=m.variant.name, model=m.variant.model, requests=m.stats.requests,
+                ok_requests=m.stats.ok_requests, latency_p50_ms=m.stats.latency_p50_ms,
+                latency_mean_ms=m.stats.latency_mean_ms, cost_mean_nano_usd=m.stats.cost_mean_nano_usd,
+                errors=m.stats.errors, error_rate=m.stats.error_rate, feedback_up=m.stats.feedback_up,
+                feedback_down=m.stats.feedback_down, feedback_up_rate=m.stats.feedback_up_rate)
+                for m in report.variants],
+            comparisons=[admin_pb2.ExperimentComparison(
+                variant=c.variant, metric=_METRIC[c.metric], test=c.test, control_value=c.control_value,
+                variant_value=c.variant_value, statistic=c.statistic, p_value=c.p_value, significant=c.significant)
+                for c in report.comparisons])

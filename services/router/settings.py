@@ -17,6 +17,8 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     ratelimit_target: str = "127.0.0.1:50053"
     retrieval_target: str = "127.0.0.1:50054"
     data_dir: str = shared_env("data_dir", ".tollgate")  # type: ignore[assignment]
+    # Peers whose `x-tollgate-client-ip` metadata is believed (the HTTP edge), comma-separated.
+    trusted_proxies: str = "127.0.0.1,::1"
 
     # Deadlines: used when the caller sets none, and the most any request may take.
     default_timeout_s: float = Field(60.0, gt=0)
@@ -35,10 +37,43 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     registry_refresh_s: float = Field(2.0, gt=0)
 
     default_max_output_tokens: int = Field(1024, gt=0)
+    # A breaker per inference replica opens on `fail_max` consecutive faults, or on an error rate of at
+    # least `error_rate` over `window_s` once `min_calls` calls fall in the window; probes after the reset.
     breaker_fail_max: int = Field(5, gt=0)
     breaker_reset_timeout_s: float = Field(5.0, gt=0)
+    breaker_error_rate: float = Field(0.5, gt=0, le=1)
+    breaker_window_s: float = Field(10.0, gt=0)
+    breaker_min_calls: int = Field(10, gt=0)
+    # Backend attempts per request (first try, fallbacks and retries together), and the backoff between rounds.
+    retry_max_attempts: int = Field(4, ge=1, le=16)
+    retry_backoff_base_s: float = Field(0.05, ge=0)
+    retry_backoff_max_s: float = Field(2.0, ge=0)
+
+    # Degradation tiers: full -> reduced (cheaper model) -> cache-only; down at once, up after `recover_s`.
+    degradation_enabled: bool = True
+    degradation_window_s: float = Field(10.0, gt=0)
+    degradation_min_samples: int = Field(10, gt=0)
+    degradation_reduced_error_rate: float = Field(0.25, gt=0, le=1)
+    degradation_cache_only_error_rate: float = Field(0.75, gt=0, le=1)
+    degradation_reduced_pressure: float = Field(0.9, gt=0)
+    degradation_recover_s: float = Field(15.0, ge=0)
+    degradation_probe_interval_s: float = Field(1.0, gt=0)
+
+    # Priority shedding: free traffic is refused past `shed_free_share` of capacity, pro past `shed_pro_share`,
+    # enterprise at capacity. Capacity = `shed_max_in_flight` generations in this router (0: no shedding),
+    # or the inference replicas' queues, whichever is fuller.
+    shed_max_in_flight: int = Field(256, ge=0)
+    shed_free_share: float = Field(0.5, gt=0, le=1)
+    shed_pro_share: float = Field(0.8, gt=0, le=1)
+    shed_retry_after_s: float = Field(1.0, gt=0)
+
+    # Model "auto": the complexity router's model file, and its cost/quality threshold (empty: the file's).
+    auto_router_model: str = ""
+    auto_router_threshold: float | None = Field(None, ge=0, le=1)
 
     usage_stream: str = "usage"
     ledger_batch_size: int = Field(500, gt=0)
+    # The writer waits this long after a short batch, so that under load one INSERT carries many events.
+    ledger_linger_s: float = Field(0.05, ge=0, le=5)
     # Run the ledger writer inside this process (one per deployment is enough; more are safe).
     run_ledger_writer: bool = True

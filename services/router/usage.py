@@ -171,7 +171,7 @@ class LedgerWriter:
 
     def __init__(self, client: redis.Redis, pool: asyncpg.Pool, stream_key: str, *, consumer: str,
                  batch_size: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000,
-                 max_backoff_s: float = 5.0):
+                 max_backoff_s: float = 5.0, linger_s: float = 0.0):
         self._redis = client
         self._pool = pool
         self._stream = stream_key
@@ -181,6 +181,9 @@ class LedgerWriter:
         self._block_ms = block_ms
         self._claim_idle_ms = claim_idle_ms
         self._max_backoff = max_backoff_s
+        # After a short batch, wait this long before reading again: under load one INSERT then carries
+        # many events instead of one per request (the ledger lags by at most this much more).
+        self._linger = linger_s
         self.written = 0  # rows handed to PostgreSQL (duplicates included), for tests and metrics
 
     async def ensure_group(self) -> None:
@@ -272,8 +275,10 @@ class LedgerWriter:
                 await self.ensure_group()
                 while True:
                     raise_if_cancelling()
-                    await self.drain_once()
+                    written = await self.drain_once()
                     backoff = 0.2
+                    if self._linger and 0 < written < self._batch:
+                        await asyncio.sleep(self._linger)
             except asyncio.CancelledError:
                 raise
             except _RETRYABLE as exc:

@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp:
         settings = LauncherSettings(data_dir=Path(tmp), fake_provider_port=free_port()).model_copy(update={
-            **{f"{n}_port": free_port() for n in ("router", "cache", "ratelimit", "retrieval", "inference")},
+            **{f"{n}_port": free_port() for n in ("router", "cache", "ratelimit", "retrieval", "inference", "edge")},
             "inference_engine": "openai", "inference_models": MODEL, "provider_base_url": ""})
         import os
 

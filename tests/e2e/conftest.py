@@ -30,6 +30,11 @@ class RunningMesh:
     def router(self) -> str:
         return self.mesh.router_address
 
+    @property
+    def edge_url(self) -> str:
+        """The OpenAI-compatible HTTP edge; the OpenAI API is under ``{edge_url}/v1``."""
+        return self.mesh.edge_url
+
     def provider(self, **control: object) -> dict[str, object]:
         """Set fault modes on the fake provider; returns its counters."""
         with httpx.Client(base_url=self.provider_url, timeout=5) as client:
@@ -57,7 +62,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     settings = LauncherSettings(data_dir=data_dir, redis_url=infra.REDIS_URL, database_url=database_url,
                                 fake_provider_port=provider_port).model_copy(update={
         "router_port": free_port(), "cache_port": free_port(), "ratelimit_port": free_port(),
-        "retrieval_port": free_port(), "inference_port": free_port(), "provider_base_url": "",
+        "retrieval_port": free_port(), "inference_port": free_port(), "edge_port": free_port(), "provider_base_url": "",
         "inference_engine": "openai", "inference_models": MODEL})
     mesh: Mesh | None = None
     try:

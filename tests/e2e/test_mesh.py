@@ -276,3 +276,53 @@ async def test_retrieval_augmented_generation_cites_the_tenants_chunks(mesh: Run
     assert resp.summary.cited_chunk_ids and all(c.startswith("lighthouses") for c in resp.summary.cited_chunk_ids)
     system = " ".join(m["content"] for m in sent["messages"] if m["role"] == "system")  # type: ignore[index]
     assert "1882" in system and "secret plans" not in system
+
+
+async def test_a_stream_cancelled_mid_way_is_settled_with_what_was_generated(mesh: RunningMesh) -> None:
+    """GenerateStream reserves before the first token; when the client cancels mid-way the router commits the
+    reservation with the generated count (not the 400-token estimate), and the ledger row agrees with it."""
+    from tollgate.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+
+    key_id, key = await _member_key(mesh)
+    async with grpc.aio.insecure_channel(mesh.router) as ch:
+        await admin_pb2_grpc.AdminServiceStub(ch).SetBudget(admin_pb2.SetBudgetRequest(
+            scope=common_pb2.LIMIT_SCOPE_KEY, scope_id=key_id, daily_nano_usd=10**15), metadata=_md(mesh.admin_key))
+    await asyncio.sleep(1.0)  # the limiter reloads limits every 0.5 s in this mesh
+    mesh.provider(reset=True, extra_words=400, chunk_delay_ms=20)
+    try:
+        async with grpc.aio.insecure_channel(mesh.router) as ch:
+            call = router_pb2_grpc.RouterServiceStub(ch).GenerateStream(
+                router_pb2.GenerateStreamRequest(input=_req("A long story please", max_tokens=400, no_cache=True)),
+                metadata=_md(key), timeout=30)
+            got = [await call.read() for _ in range(5)]
+            call.cancel()
+        assert all(e.WhichOneof("event") == "delta" for e in got)
+        state = mesh.provider()
+        deadline = time.monotonic() + 5
+        while state["active_streams"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            state = mesh.provider()
+        assert state["active_streams"] == 0 and state["cancelled_streams"] >= 1
+    finally:
+        mesh.provider(reset=True)
+    conn = await asyncpg.connect(mesh.database_url)
+    try:
+        row = None
+        for _ in range(50):
+            row = await conn.fetchrow("SELECT * FROM usage_ledger WHERE key_id = $1", key_id)
+            if row is not None:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    assert row is not None and row["status"] == "cancelled"
+    assert 0 < row["output_tokens"] < 400 and row["cost_nano_usd"] > 0
+    # The limiter holds no reservation for it any more, and its committed spend is the ledger's cost.
+    org_id, team_id = row["org_id"], row["team_id"]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.mesh.settings.ratelimit_port}") as ch:
+        usage = await ratelimit_pb2_grpc.RateLimitServiceStub(ch).GetUsage(ratelimit_pb2.GetUsageRequest(
+            subject=ratelimit_pb2.Subject(principal=common_pb2.Principal(org_id=org_id, team_id=team_id,
+                                                                         key_id=key_id))), timeout=5)
+    [daily] = [u for u in usage.usages if u.scope == common_pb2.LIMIT_SCOPE_KEY
+               and u.kind == ratelimit_pb2.LIMIT_KIND_BUDGET_DAILY_NANO_USD]
+    assert daily.reserved == 0 and daily.used == row["cost_nano_usd"]

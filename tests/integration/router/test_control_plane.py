@@ -52,6 +52,25 @@ async def test_keys_are_stored_hashed_and_revocable(pool: asyncpg.Pool) -> None:
     assert actions == ["revoke_key", "create_key", "create_team", "create_org"]
 
 
+async def test_keys_carry_a_service_tier(pool: asyncpg.Pool) -> None:
+    cp = ControlPlane(pool)
+    org = await cp.create_org("admin", "acme")
+    team = await cp.create_team("admin", org, "search")
+    free = await cp.create_key("admin", org_id=org, team_id=team, name="f", role="member", allowed_models=[],
+                               expires_at=None, tier="free")
+    default = await cp.create_key("admin", org_id=org, team_id=team, name="d", role="member", allowed_models=[],
+                                  expires_at=None)
+    assert (await cp.find_by_hash(hash_key(free.secret))).tier == "free"  # type: ignore[union-attr]
+    assert (await cp.find_by_hash(hash_key(default.secret))).tier == "pro"  # type: ignore[union-attr]
+    assert {k.name: k.record.tier for k in await cp.list_keys(org, "")} == {"f": "free", "d": "pro"}
+    with pytest.raises(InvalidArgument):
+        await cp.create_key("admin", org_id=org, team_id=team, name="x", role="member", allowed_models=[],
+                            expires_at=None, tier="platinum")
+    async with pool.acquire() as conn:  # the database refuses an unknown tier too
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE api_keys SET tier = 'gold' WHERE key_id = $1", free.key_id)
+
+
 async def test_hierarchy_is_enforced(pool: asyncpg.Pool) -> None:
     cp = ControlPlane(pool)
     org_a, org_b = await cp.create_org("a", "a"), await cp.create_org("a", "b")

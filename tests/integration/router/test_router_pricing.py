@@ -72,6 +72,12 @@ class Inference:
     def order(self, targets: Sequence[str]) -> list[str]:
         return list(targets)
 
+    def cool_down(self, target: str, seconds: float) -> None:
+        return None
+
+    def cooling_for(self, targets: Sequence[str]) -> float | None:
+        return None
+
     async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
                        params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
         while self.endless:

@@ -103,6 +103,16 @@ async def test_the_number_veto_and_the_model_score(verifier: Verifier, embedder:
     assert same.accept and same.score > verifier.default_threshold
 
 
+async def test_identifiers_with_digits_must_match(verifier: Verifier, embedder: StaticEmbedder) -> None:
+    # Found by the gateway benchmark: "guard X m1" and "guard X m2" were served the same answer.
+    a = embedder.analyze("What is the status of order a17 in warehouse m1?")
+    b = embedder.analyze("What is the status of order a17 in warehouse m2?")
+    assert (verifier.verify(a, b).accept, verifier.verify(a, b).reason) == (False, "identifiers")
+    assert verifier.verify(a, embedder.analyze("What is the status of order a17 in warehouse m1?")).accept
+    c = embedder.analyze("Compare ipv4 and ipv6 routing")
+    assert verifier.verify(c, embedder.analyze("Compare ipv4 and ipv5 routing")).reason == "identifiers"
+
+
 async def test_tenants_and_namespaces_never_cross(h: Harness) -> None:
     await h.cache.store(chat_key("How do I reset my password?", tenant="tenant-b"), "B's answer", USAGE)
     assert await h.cache.lookup(chat_key("How can I reset my password?", tenant="tenant-a")) is None

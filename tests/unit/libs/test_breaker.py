@@ -49,3 +49,60 @@ async def test_client_errors_and_cancellation_never_open_it() -> None:
         for _ in range(3):
             await _fail(breaker, exc)
     assert breaker.state == "closed"
+
+
+async def _succeed(breaker: Breaker) -> None:
+    with breaker.guard():
+        await asyncio.sleep(0)
+
+
+async def test_opens_on_error_rate_over_the_window_without_consecutive_failures() -> None:
+    # Every other call fails: never 3 in a row, but a 50 % error rate over 10 calls.
+    breaker = Breaker("t", fail_max=3, reset_timeout_s=10, error_rate=0.5, window_s=60, min_calls=10)
+    for i in range(9):
+        if i % 2:
+            await _fail(breaker, Unavailable("down", reason="BACKEND_ERROR"))
+        else:
+            await _succeed(breaker)
+    assert breaker.state == "closed"  # 4 of 9: below min_calls and below the rate
+    await _fail(breaker, Unavailable("down", reason="BACKEND_ERROR"))
+    assert breaker.is_open  # 5 of 10 = 50 %, with no two failures in a row
+
+
+async def test_the_rate_rule_ignores_old_outcomes_and_client_errors() -> None:
+    breaker = Breaker("t", fail_max=100, reset_timeout_s=10, error_rate=0.5, window_s=0.2, min_calls=4)
+    for _ in range(3):
+        await _fail(breaker, Unavailable("down", reason="BACKEND_ERROR"))
+    time.sleep(0.25)  # those three fall out of the window
+    for _ in range(5):
+        await _fail(breaker, QuotaExceeded("429", [], 1.0))  # a provider's 429 is not a failure
+    await _fail(breaker, Unavailable("down", reason="BACKEND_ERROR"))
+    assert breaker.state == "closed" and breaker.window.calls == 1
+
+
+async def test_half_open_lets_one_probe_through_at_a_time() -> None:
+    breaker = Breaker("t", fail_max=1, reset_timeout_s=0.1)
+    await _fail(breaker, Unavailable("down", reason="UNAVAILABLE"))
+    time.sleep(0.15)
+    release = asyncio.Event()
+
+    async def probe() -> None:
+        with breaker.guard():
+            await release.wait()
+
+    task = asyncio.create_task(probe())
+    await asyncio.sleep(0.01)
+    assert breaker.state == "half-open" and breaker.is_open
+    with pytest.raises(BreakerOpen), breaker.guard():
+        pass
+    release.set()
+    await task
+    assert breaker.state == "closed" and not breaker.is_open
+
+
+async def test_a_failed_probe_opens_it_again() -> None:
+    breaker = Breaker("t", fail_max=1, reset_timeout_s=0.1)
+    await _fail(breaker, Unavailable("down", reason="UNAVAILABLE"))
+    time.sleep(0.15)
+    await _fail(breaker, Unavailable("still down", reason="UNAVAILABLE"))
+    assert breaker.is_open

@@ -98,6 +98,12 @@ class ScriptedInference:
     def order(self, targets: Sequence[str]) -> list[str]:
         return [t for t in targets if self.modes.get(t) != "open"]
 
+    def cool_down(self, target: str, seconds: float) -> None:
+        return None
+
+    def cooling_for(self, targets: Sequence[str]) -> float | None:
+        return None
+
     async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
                        params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
         self.calls.append(target)

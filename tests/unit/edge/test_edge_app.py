@@ -1,0 +1,206 @@
+"""The edge app on uvicorn in front of a scripted RouterService over loopback gRPC: HTTP shapes, errors before
+and after the stream started, and client disconnects cancelling the router call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import pytest
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tollgate.common.v1 import common_pb2
+from tollgate.router.v1 import router_pb2, router_pb2_grpc
+
+from libs.errors import FieldViolation, InvalidArgument, QuotaExceeded, QuotaViolation, Unauthenticated, Unavailable
+from libs.grpc_errors import ErrorMappingInterceptor
+from services.edge.app import create_app
+from services.edge.settings import EdgeSettings
+
+KEY = "tg-good"
+
+
+def _summary(model: str) -> router_pb2.GenerationSummary:
+    return router_pb2.GenerationSummary(
+        request_id="req-1", model=model, provider="fake", finish_reason=common_pb2.FINISH_REASON_STOP,
+        usage=common_pb2.TokenUsage(input_tokens=3, output_tokens=2), cache_tier=common_pb2.CACHE_TIER_MISS)
+
+
+@dataclass
+class FakeRouter(router_pb2_grpc.RouterServiceServicer):
+    """Behaviour by model name: ok, quota, fail-mid (error after two deltas), slow (never finishes)."""
+
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    seen: list[router_pb2.GenerationInput] = field(default_factory=list)
+    timeouts: list[float] = field(default_factory=list)
+
+    def _check(self, request_input: router_pb2.GenerationInput, context: grpc.aio.ServicerContext) -> None:
+        self.seen.append(request_input)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            self.timeouts.append(remaining)
+        if ("authorization", f"Bearer {KEY}") not in tuple(context.invocation_metadata() or ()):
+            raise Unauthenticated("unknown key")
+        if request_input.model == "quota":
+            raise QuotaExceeded("rpm", [QuotaViolation("key:k", "requests_per_minute limit 1 exceeded")], 0.25)
+        if request_input.params.temperature > 2:
+            raise InvalidArgument([FieldViolation("input.params.temperature", "must be between 0 and 2")])
+
+    async def Generate(self, request: router_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
+        self._check(request.input, context)
+        if request.input.model == "slow":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        return router_pb2.GenerateResponse(content="Hello there", summary=_summary(request.input.model))
+
+    async def GenerateStream(self, request: router_pb2.GenerateStreamRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        self._check(request.input, context)
+        model = request.input.model
+        try:
+            for i in range(1000 if model == "slow" else 2):
+                yield router_pb2.GenerateStreamResponse(delta=f"w{i} ")
+                if model == "slow":
+                    await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        if model == "fail-mid":
+            raise Unavailable("backend went away", reason="BACKEND_ERROR")
+        yield router_pb2.GenerateStreamResponse(summary=_summary(model))
+
+    async def ListAvailableModels(self, request: router_pb2.ListAvailableModelsRequest,
+                                  context: grpc.aio.ServicerContext) -> router_pb2.ListAvailableModelsResponse:
+        if ("authorization", f"Bearer {KEY}") not in tuple(context.invocation_metadata() or ()):
+            raise Unauthenticated("unknown key")
+        return router_pb2.ListAvailableModelsResponse(models=[
+            router_pb2.AvailableModel(name="auto", provider="tollgate"),
+            router_pb2.AvailableModel(name="ok", provider="fake")])
+
+
+@dataclass
+class Running:
+    url: str
+    router: FakeRouter
+    health: health.aio.HealthServicer
+
+
+@pytest.fixture
+async def edge() -> AsyncIterator[Running]:
+    fake = FakeRouter()
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("tollgate.router.v1.RouterService", health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    settings = EdgeSettings(port=0, router_target=f"127.0.0.1:{port}", default_timeout_s=20)
+    web = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, http="httptools",
+                                        lifespan="on", log_config=None, access_log=False))
+    task = asyncio.create_task(web.serve())
+    while not web.started:
+        await asyncio.sleep(0.01)
+    http_port = web.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Running(f"http://127.0.0.1:{http_port}", fake, health_servicer)
+    finally:
+        web.should_exit = True
+        await task
+        await server.stop(0)
+
+
+def _chat(model: str = "ok", **fields: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+async def test_completion_and_forwarded_fields(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        r = await client.post("/v1/chat/completions", json=_chat(temperature=0, max_tokens=9),
+                              headers={**AUTH, "x-tollgate-cache": "no-store", "x-request-timeout": "3"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "Hello there"
+    assert body["id"] == "chatcmpl-req-1" and r.headers["x-request-id"] == "req-1"
+    assert body["usage"]["total_tokens"] == 5 and body["tollgate"]["cache_tier"] == "miss"
+    [seen] = edge.router.seen
+    assert seen.cache_control.no_store and seen.params.max_output_tokens == 9
+    assert 2 < edge.router.timeouts[0] < 3.1  # gRPC rounds deadlines a little
+
+
+async def test_errors_before_the_router_and_from_it(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        malformed = await client.post("/v1/chat/completions", content=b"{nope", headers=AUTH)
+        no_key = await client.post("/v1/chat/completions", json=_chat())
+        bad_value = await client.post("/v1/chat/completions", json=_chat(temperature=5), headers=AUTH)
+        limited = await client.post("/v1/chat/completions", json=_chat("quota"), headers=AUTH)
+        limited_stream = await client.post("/v1/chat/completions", json=_chat("quota", stream=True), headers=AUTH)
+        unknown = await client.get("/v1/nothing-here")
+        wrong_method = await client.get("/v1/chat/completions")
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    assert bad_value.status_code == 400 and bad_value.json()["error"]["param"] == "temperature"
+    for r in (limited, limited_stream):
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.headers["retry-after-ms"] == "250"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert len(edge.router.seen) == 4  # the malformed body never reached the router
+
+
+async def test_stream_and_error_after_the_stream_started(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        ok = await client.post("/v1/chat/completions", headers=AUTH,
+                               json=_chat(stream=True, stream_options={"include_usage": True}))
+        failed = await client.post("/v1/chat/completions", json=_chat("fail-mid", stream=True), headers=AUTH)
+    assert ok.status_code == 200 and ok.headers["content-type"].startswith("text/event-stream")
+    frames = [f.removeprefix("data: ") for f in ok.text.split("\n\n") if f]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "w0 w1 "
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["total_tokens"] == 5
+    assert failed.status_code == 200
+    frames = [f.removeprefix("data: ") for f in failed.text.split("\n\n") if f]
+    assert "[DONE]" not in frames
+    assert json.loads(frames[-1])["error"]["code"] == "backend_error"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_cancels_the_router_call(edge: Running, stream: bool) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        if stream:
+            async with client.stream("POST", "/v1/chat/completions", json=_chat("slow", stream=True),
+                                     headers=AUTH) as r:
+                async for _ in r.aiter_bytes():
+                    break
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/chat/completions", json=_chat("slow"), headers=AUTH, timeout=0.3)
+    await asyncio.wait_for(edge.router.cancelled.wait(), 5)
+
+
+async def test_models_and_health(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        models = await client.get("/v1/models", headers=AUTH)
+        one = await client.get("/v1/models/ok", headers=AUTH)
+        missing = await client.get("/v1/models/nope", headers=AUTH)
+        denied = await client.get("/v1/models")
+        healthy = await client.get("/healthz")
+        await edge.health.set("tollgate.router.v1.RouterService", health_pb2.HealthCheckResponse.NOT_SERVING)
+        draining = await client.get("/healthz")
+    assert [m["id"] for m in models.json()["data"]] == ["auto", "ok"]
+    assert one.json() == {"id": "ok", "object": "model", "created": 0, "owned_by": "fake"}
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert denied.status_code == 401
+    assert healthy.status_code == 200 and draining.status_code == 503
