@@ -29,6 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.child import LAUNCHER_PID_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Served by default: the bundled SmolLM2 on vLLM, or a model name for the fake provider.
 VLLM_MODEL = "smollm2-135m-instruct"
@@ -106,15 +108,6 @@ def wait_http_healthy(url: str, timeout_s: float, proc: subprocess.Popen[bytes] 
                 return
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f}s")
-
-
-def _terminate_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it if the launcher dies without cleaning up."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @dataclass
@@ -209,9 +202,12 @@ class Mesh:
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, **env},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_terminate_with_parent)
+        # `python -m libs.child` arms PR_SET_PDEATHSIG in the child itself: no preexec_fn here, so Popen can
+        # use vfork() and never runs gRPC's fork handlers in this (gRPC-using) process.
+        module_args = args[1:] if args[:1] == ["-m"] else args
+        proc = subprocess.Popen([sys.executable, "-m", "libs.child", *module_args], cwd=REPO_ROOT,
+                                env={**os.environ, **env, LAUNCHER_PID_ENV: str(os.getpid())},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child

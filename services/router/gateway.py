@@ -70,6 +70,9 @@ AUTO_MODEL = "auto"
 # ErrorInfo.reason the ratelimit service gives a reserve refused by a USD budget.
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
 MAX_QUERY_CHARS = 4096
+# Reserve concurrently with the cache lookup while fewer than this share of lookups hit.
+SPECULATE_BELOW_HIT_RATE = 0.5
+HIT_RATE_ALPHA = 0.05
 
 
 # --- what the router asks of its downstreams ----------------------------------------
@@ -287,6 +290,8 @@ class Gateway:
         self._auto_router = auto_router
         self._experiments = experiments
         self._pending: set[asyncio.Task[None]] = set()
+        # Moving average of cache hits among lookups: decides whether to reserve before the lookup answers.
+        self._hit_rate = 0.0
 
     # --- step 3: the model chain ---------------------------------------------------
 
@@ -390,16 +395,20 @@ class Gateway:
             tier = effective_tier(key.tier, cmd.priority)
             # Steps 4 and 6 at once: the cache lookup (fail open; in cache-only mode a stale answer is better
             # than none) and the reservation run concurrently, so a miss pays one round trip, not two. A hit
-            # releases the reservation in settlement. No reservation when the request could not go on anyway:
-            # shed by priority, or cache-only and not this interval's probe.
+            # then releases the reservation in settlement: two wasted calls, so this speculation runs only
+            # while most lookups miss (a moving average of the hit rate). No reservation when the request
+            # could not go on anyway: shed by priority, or cache-only and not this interval's probe.
             lookup = (asyncio.ensure_future(self._lookup(attempt, ns, chain[0], cmd, deadline,
                                                          allow_stale=level == Level.CACHE_ONLY))
                       if cacheable and not cmd.cache.no_cache else None)
             may_generate = level != Level.CACHE_ONLY or (self._degradation is not None
                                                          and self._degradation.allow_probe())
-            if may_generate and (self._shedder is None or self._shedder.would_admit(tier)):
+            speculate = lookup is None or self._hit_rate < SPECULATE_BELOW_HIT_RATE
+            if may_generate and speculate and (self._shedder is None or self._shedder.would_admit(tier)):
                 attempt.reserving = asyncio.ensure_future(self._reserve(attempt, deadline))
             hit = await lookup if lookup is not None else None
+            if lookup is not None:
+                self._hit_rate += HIT_RATE_ALPHA * ((hit is not None) - self._hit_rate)
             if hit is not None:
                 self._serve_hit(attempt, hit)
                 yield hit.content

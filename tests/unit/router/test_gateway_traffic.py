@@ -389,3 +389,18 @@ def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
         waits = [policy.backoff(round_no, rng) for _ in range(500)]
         assert min(waits) >= 0 and max(waits) <= ceiling
         assert max(waits) > 0.8 * ceiling  # it does spread over the whole range
+
+
+async def test_when_most_lookups_hit_the_reservation_waits_for_the_miss() -> None:
+    gw, _, cache = _gw({"t-primary": ["ok"]})
+    limiter = gw._ratelimit  # type: ignore[attr-defined]
+    await _run(gw, _cmd())  # stored
+    for _ in range(40):  # a hit-heavy stream of requests
+        await _run(gw, _cmd())
+    released_before = len(limiter.released)
+    for _ in range(5):
+        await _run(gw, _cmd())
+    assert len(limiter.released) == released_before  # no speculative reserve + release per hit any more
+    cache.entries.clear()
+    miss = await _run(gw, _cmd())
+    assert miss.cache_tier == "miss" and limiter.committed[miss.request_id] == 11  # a miss still reserves
