@@ -397,14 +397,13 @@ class Gateway:
             # than none) and the reservation run concurrently, so a miss pays one round trip, not two. A hit
             # then releases the reservation in settlement: two wasted calls, so this speculation runs only
             # while most lookups miss (a moving average of the hit rate). No reservation when the request
-            # could not go on anyway: shed by priority, or cache-only and not this interval's probe.
+            # could not go on anyway: shed by priority, or cache-only (where only a miss may become the probe).
             lookup = (asyncio.ensure_future(self._lookup(attempt, ns, chain[0], cmd, deadline,
                                                          allow_stale=level == Level.CACHE_ONLY))
                       if cacheable and not cmd.cache.no_cache else None)
-            may_generate = level != Level.CACHE_ONLY or (self._degradation is not None
-                                                         and self._degradation.allow_probe())
             speculate = lookup is None or self._hit_rate < SPECULATE_BELOW_HIT_RATE
-            if may_generate and speculate and (self._shedder is None or self._shedder.would_admit(tier)):
+            if (level != Level.CACHE_ONLY and speculate
+                    and (self._shedder is None or self._shedder.would_admit(tier))):
                 attempt.reserving = asyncio.ensure_future(self._reserve(attempt, deadline))
             hit = await lookup if lookup is not None else None
             if lookup is not None:
@@ -414,11 +413,14 @@ class Gateway:
                 yield hit.content
                 yield self._summary(attempt)
                 return
-            if not may_generate:
+            if level == Level.CACHE_ONLY:
                 assert self._degradation is not None
-                raise Unavailable(
-                    f"the gateway is serving cached answers only ({self._degradation.reason}) and has none for "
-                    "this request; retry shortly", reason="CACHE_ONLY", retry_after_s=self._degradation.retry_after_s)
+                if not self._degradation.allow_probe():
+                    raise Unavailable(
+                        f"the gateway is serving cached answers only ({self._degradation.reason}) and has none "
+                        "for this request; retry shortly", reason="CACHE_ONLY",
+                        retry_after_s=self._degradation.retry_after_s)
+                # This miss is the interval's probe: the backends' answer tells the controller whether they are back.
             # Priority shedding (after the cache: a hit costs no backend capacity).
             with self._shedder.admit(tier) if self._shedder else nullcontext():
                 # Step 6: the reservation (started above unless the shedder refused before the lookup).

@@ -404,3 +404,19 @@ async def test_when_most_lookups_hit_the_reservation_waits_for_the_miss() -> Non
     cache.entries.clear()
     miss = await _run(gw, _cmd())
     assert miss.cache_tier == "miss" and limiter.committed[miss.request_id] == 11  # a miss still reserves
+
+
+async def test_in_cache_only_mode_a_hit_does_not_use_up_the_probe() -> None:
+    controller = _controller()
+    for _ in range(4):
+        controller.record(failed=True)
+    gw, backends, cache = _gw({"t-primary": ["ok"]}, degradation=controller)
+    cache.entries[("org1", "capital of France?")] = CachedAnswer("Paris", TokenUsage(10, 3, 0), "primary", "exact",
+                                                                 False)
+    assert (await _run(gw, _cmd())).cache_tier == "exact" and not backends.calls
+    probe = await _run(gw, GenerateCommand(model="primary", messages=[ChatMessage(Role.USER, "new question")],
+                                           params=GenerationParams(temperature=0.0)))
+    assert probe.cache_tier == "miss" and backends.targets_called() == ["t-primary"]  # the interval's probe
+    with pytest.raises(Unavailable):  # the next miss in the same interval is not
+        await _run(gw, GenerateCommand(model="primary", messages=[ChatMessage(Role.USER, "another one")],
+                                       params=GenerationParams(temperature=0.0)))
