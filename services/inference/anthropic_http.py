@@ -90,50 +90,56 @@ class AnthropicHttpEngine(HttpEngineBase):
         stopped = False
         self._running += 1
         try:
-            async with aclosing(self._events(request_id, MESSAGES_PATH, body, deadline)) as events:
-                async for event in events:
-                    if event.event == "ping":
-                        continue
-                    data = parse_json(event)
-                    kind = str(data.get("type") or event.event)
-                    if kind == "error":
-                        raise stream_error(self.provider, data.get("error"))
-                    if kind == "message_start":
-                        message = data.get("message")
-                        if not isinstance(message, dict):
-                            raise malformed("message_start without a message")
-                        reported_model = str(message.get("model") or "")
-                        usage = message.get("usage")
-                        if isinstance(usage, dict):
-                            have_usage = True
-                            input_tokens = as_int(usage.get("input_tokens"))
-                            cache_read = as_int(usage.get("cache_read_input_tokens"))
-                            cache_write = as_int(usage.get("cache_creation_input_tokens"))
-                            output_tokens = as_int(usage.get("output_tokens"))
-                    elif kind == "content_block_delta":
-                        delta = data.get("delta")
-                        if not isinstance(delta, dict):
-                            raise malformed("content_block_delta without a delta")
-                        text = delta.get("text") if delta.get("type") == "text_delta" else None
-                        if isinstance(text, str) and text:
-                            output.append(text)
-                            yield GenerationChunk(delta=text)
-                    elif kind == "message_delta":
-                        delta = data.get("delta")
-                        if isinstance(delta, dict) and delta.get("stop_reason"):
-                            finish = _FINISH.get(str(delta["stop_reason"]), FinishReason.STOP)
-                        usage = data.get("usage")
-                        if isinstance(usage, dict):
-                            # Cumulative counts; input fields appear here only in newer API versions.
-                            output_tokens = max(output_tokens, as_int(usage.get("output_tokens")))
-                            input_tokens = max(input_tokens, as_int(usage.get("input_tokens")))
-                            cache_read = max(cache_read, as_int(usage.get("cache_read_input_tokens")))
-                            cache_write = max(cache_write, as_int(usage.get("cache_creation_input_tokens")))
-                    elif kind == "message_stop":
-                        stopped = True
-                        await self._drain(events)
+            async with aclosing(self._event_batches(request_id, MESSAGES_PATH, body, deadline)) as batches:
+                async for batch in batches:
+                    arrived: list[str] = []  # the deltas of one network read go out as one chunk
+                    for event in batch:
+                        if event.event == "ping":
+                            continue
+                        data = parse_json(event)
+                        kind = str(data.get("type") or event.event)
+                        if kind == "error":
+                            raise stream_error(self.provider, data.get("error"))
+                        if kind == "message_start":
+                            message = data.get("message")
+                            if not isinstance(message, dict):
+                                raise malformed("message_start without a message")
+                            reported_model = str(message.get("model") or "")
+                            usage = message.get("usage")
+                            if isinstance(usage, dict):
+                                have_usage = True
+                                input_tokens = as_int(usage.get("input_tokens"))
+                                cache_read = as_int(usage.get("cache_read_input_tokens"))
+                                cache_write = as_int(usage.get("cache_creation_input_tokens"))
+                                output_tokens = as_int(usage.get("output_tokens"))
+                        elif kind == "content_block_delta":
+                            delta = data.get("delta")
+                            if not isinstance(delta, dict):
+                                raise malformed("content_block_delta without a delta")
+                            text = delta.get("text") if delta.get("type") == "text_delta" else None
+                            if isinstance(text, str) and text:
+                                arrived.append(text)
+                        elif kind == "message_delta":
+                            delta = data.get("delta")
+                            if isinstance(delta, dict) and delta.get("stop_reason"):
+                                finish = _FINISH.get(str(delta["stop_reason"]), FinishReason.STOP)
+                            usage = data.get("usage")
+                            if isinstance(usage, dict):
+                                # Cumulative counts; input fields appear here only in newer API versions.
+                                output_tokens = max(output_tokens, as_int(usage.get("output_tokens")))
+                                input_tokens = max(input_tokens, as_int(usage.get("input_tokens")))
+                                cache_read = max(cache_read, as_int(usage.get("cache_read_input_tokens")))
+                                cache_write = max(cache_write, as_int(usage.get("cache_creation_input_tokens")))
+                        elif kind == "message_stop":
+                            stopped = True
+                            break
+                        # content_block_start / content_block_stop and unknown events carry nothing we need.
+                    if arrived:
+                        output.extend(arrived)
+                        yield GenerationChunk(delta="".join(arrived))
+                    if stopped:
+                        await self._drain(batches)
                         break
-                    # content_block_start / content_block_stop and unknown events carry nothing we need.
             if not stopped and finish is None:
                 raise malformed("stream ended before message_stop")
             extra: dict[str, str] = {}

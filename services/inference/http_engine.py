@@ -293,18 +293,11 @@ class HttpEngineBase:
         except (TimeoutError, TollgateError):
             pass
 
-    async def _events(self, request_id: str, path: str, body: dict[str, Any],
-                      deadline: Deadline) -> AsyncGenerator[SSEEvent, None]:
-        """The provider's event stream; closing this iterator closes the HTTP response."""
-        async with contextlib.aclosing(self._event_batches(request_id, path, body, deadline)) as batches:
-            async for batch in batches:
-                for event in batch:
-                    yield event
-
     async def _event_batches(self, request_id: str, path: str, body: dict[str, Any],
                              deadline: Deadline) -> AsyncGenerator[list[SSEEvent], None]:
-        """The provider's events, one list per network read: the engines merge the deltas that arrived
-        together into one chunk, so a fast provider costs one gRPC message per read, not per token."""
+        """The provider's events, one list per network read; closing this iterator closes the HTTP response.
+        The engines merge the deltas that arrived together into one chunk, so a fast provider costs one gRPC
+        message per read, not one per token."""
         response = await self._send(request_id, path, body, deadline)
         decoder = SSEDecoder()
         chunks = response.aiter_bytes()

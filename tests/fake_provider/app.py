@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-MODES = ("normal", "error_500", "rate_limit_429", "hang", "hang_mid_stream", "malformed_chunk", "split_chunks")
+MODES = ("normal", "error_500", "rate_limit_429", "hang", "hang_mid_stream", "malformed_chunk", "split_chunks", "burst")
 ANSWER_PREFIX = "This is a fake answer. You said:"
 ECHO_WORDS = 6
 FILLER_WORD = "lorem"
@@ -48,7 +48,8 @@ class FaultConfig:
 
     # normal | error_500 | rate_limit_429 | hang (no response head, ever) | hang_mid_stream (head and a first
     # delta, then silence) | malformed_chunk (a broken JSON event after the first delta) | split_chunks (the
-    # body flushed in pieces of 1-7 bytes, splitting UTF-8 characters and `data:` lines). The last three
+    # body flushed in pieces of 1-7 bytes, splitting UTF-8 characters and `data:` lines) | burst (the whole
+    # event stream in one write, as an upstream serving a file or batching events sends it). The last four
     # apply to streamed requests; a non-streamed request in hang_mid_stream mode hangs.
     mode: str = "normal"
     # Apply `mode` to the next N generation requests only, then go back to normal; 0 = until changed.
@@ -241,6 +242,9 @@ async def stream_events(state: ProviderState, mode: str, events: Iterable[bytes]
     """Yield SSE event bytes with the configured latency and fault applied."""
     cfg = state.config
     await _sleep_ms(cfg.latency_ms)
+    if mode == "burst":
+        yield b"".join(events)
+        return
     if mode == "split_chunks":
         for i, event in enumerate(events):
             if i:

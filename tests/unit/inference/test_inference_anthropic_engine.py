@@ -16,6 +16,7 @@ from tests.unit.inference.support import API_KEY, collect, system, user
 
 
 async def test_happy_path_with_usage(anthropic_engine: AnthropicHttpEngine, fake: FakeProvider) -> None:
+    fake.configure(chunk_delay_ms=20)  # one event per network read (events that arrive together become one delta)
     messages = [system("Be brief and kind."), user("tell me about caches")]
     deltas, final = await collect(anthropic_engine, "claude-tiny", messages)
     assert "".join(deltas) == f"{ANSWER_PREFIX} tell me about caches"

@@ -21,6 +21,7 @@ from tests.unit.inference.support import collect, system, user
 
 
 async def test_streams_deltas_then_usage(openai_engine: OpenAIHttpEngine, fake: FakeProvider) -> None:
+    fake.configure(chunk_delay_ms=20)  # one event per network read (events that arrive together become one delta)
     messages = [system("You are terse."), user("what is a gateway for")]
     deltas, final = await collect(openai_engine, "tiny", messages)
     text = "".join(deltas)
@@ -244,3 +245,15 @@ def test_parse_retry_after() -> None:
     when = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     value = parse_retry_after(httpx.Headers({"retry-after": when}))
     assert value is not None and 25 < value <= 31
+
+
+async def test_deltas_that_arrive_together_go_out_as_one_chunk(openai_engine: OpenAIHttpEngine,
+                                                               fake: FakeProvider) -> None:
+    # An upstream that sends many events in one write (nginx serving a file, a batching provider): one chunk
+    # per read, the same text and usage. One gRPC message per read instead of one per token.
+    fake.configure(mode="burst", extra_words=200)
+    deltas, final = await collect(openai_engine, "tiny", [user("burst")])
+    text = "".join(deltas)
+    assert text.startswith(ANSWER_PREFIX) and text.count(FILLER_WORD) == 200
+    assert len(deltas) < count_words(text) / 4
+    assert final.usage is not None and final.usage.output_tokens == count_words(text)
