@@ -25,10 +25,8 @@ No gRPC here; statistics are implemented with ``math`` (no scipy at run time).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -42,9 +40,7 @@ from libs.chat import Principal
 from libs.errors import AlreadyExists, NotFound, Violations
 from services.router.control import _audit
 from services.router.db import acquire
-from services.router.tasks import raise_if_cancelling
-
-log = logging.getLogger(__name__)
+from services.router.tasks import reload_forever
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 VARIANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
@@ -156,13 +152,7 @@ class ExperimentBook:
         self._by_model = {e.model: e for e in experiments if e.active}
 
     async def refresh_forever(self) -> None:
-        while True:
-            raise_if_cancelling()
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.load()
-            except Exception as exc:  # keep the last view while PostgreSQL is away
-                log.warning("experiment refresh failed: %s", type(exc).__name__)
+        await reload_forever(self.load, self._refresh_s, "experiment")
 
     def active(self) -> list[Experiment]:
         return sorted(self._by_model.values(), key=lambda e: e.name)

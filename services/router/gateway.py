@@ -251,6 +251,9 @@ class _Attempt:
     attempts: int = 0
     variant: str = ""
 
+    def add_route_reason(self, reason: str) -> None:
+        self.route_reason = f"{self.route_reason}; {reason}" if self.route_reason else reason
+
     def degrade(self, reason: str, detail: str) -> None:
         if reason not in self.degraded:
             self.degraded.append(reason)
@@ -651,8 +654,8 @@ class Gateway:
                                   "model this key may use")])
             error.reason = CONTEXT_WINDOW_EXCEEDED
             raise error
-        attempt.route_reason = (attempt.route_reason + "; " if attempt.route_reason else "") + \
-            f"context window: {chain[0].name} ({chain[0].context_window}) -> {bigger.name} ({bigger.context_window})"
+        attempt.add_route_reason(f"context window: {chain[0].name} ({chain[0].context_window}) -> {bigger.name} "
+                                 f"({bigger.context_window})")
         return [bigger]
 
     def _after_overflow(self, attempt: _Attempt, chain: list[ModelEntry], model: ModelEntry,
@@ -666,8 +669,7 @@ class Gateway:
                                model.context_window, prompt_tokens, model.cost_tier, exclude=chain)
         if bigger is None:
             return []
-        attempt.route_reason = (attempt.route_reason + "; " if attempt.route_reason else "") + \
-            f"context window: {model.name} overflowed -> {bigger.name} ({bigger.context_window})"
+        attempt.add_route_reason(f"context window: {model.name} overflowed -> {bigger.name} ({bigger.context_window})")
         return [bigger]
 
     def _observe(self, *, failed: bool) -> None:

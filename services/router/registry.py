@@ -6,8 +6,6 @@ dictionary lookup, never a query (issue: "one cached lookup, not a query per req
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -15,9 +13,7 @@ import asyncpg
 
 from services.router.db import acquire
 from services.router.pricing import Price, price_at
-from services.router.tasks import raise_if_cancelling
-
-log = logging.getLogger(__name__)
+from services.router.tasks import reload_forever
 
 
 @dataclass(frozen=True)
@@ -69,13 +65,7 @@ class Registry:
         self._snapshot = snapshot
 
     async def refresh_forever(self) -> None:
-        while True:
-            raise_if_cancelling()
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.load()
-            except Exception as exc:  # keep serving the last snapshot while PostgreSQL is away
-                log.warning("registry refresh failed: %s", type(exc).__name__)
+        await reload_forever(self.load, self._refresh_s, "registry")
 
     def model(self, name: str) -> ModelEntry | None:
         return self._snapshot.models.get(name)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
 
 
 def raise_if_cancelling() -> None:
@@ -16,3 +20,14 @@ def raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def reload_forever(load: Callable[[], Awaitable[None]], every_s: float, what: str) -> None:
+    """Call ``load`` every ``every_s`` seconds; a failure keeps the last loaded view (PostgreSQL may be away)."""
+    while True:
+        raise_if_cancelling()
+        await asyncio.sleep(every_s)
+        try:
+            await load()
+        except Exception as exc:
+            log.warning("%s refresh failed: %s", what, type(exc).__name__)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -42,6 +44,28 @@ class RunningMesh:
                 client.post("/_control", json=control).raise_for_status()
             state: dict[str, object] = client.get("/_control/state").json()
             return state
+
+    async def provider_idle(self, timeout_s: float = 5.0) -> dict[str, object]:
+        """The fake provider's counters once no stream is active (it noticed every disconnect), or at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        state = self.provider()
+        while state["active_streams"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            state = self.provider()
+        return state
+
+    async def ledger_row_of_key(self, key_id: str, timeout_s: float = 10.0) -> asyncpg.Record | None:
+        """The first usage-ledger row of ``key_id``, waiting for the ledger writer (None at the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            while True:
+                row = await conn.fetchrow("SELECT * FROM usage_ledger WHERE key_id = $1", key_id)
+                if row is not None or time.monotonic() > deadline:
+                    return row
+                await asyncio.sleep(0.2)
+        finally:
+            await conn.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 
 import pytest
 
 from libs.chat import ChatMessage, GenerationParams, Role
 from libs.deadlines import Deadline
-from libs.grpc_server import GrpcServer
-from services.inference.server import build
-from services.inference.settings import InferenceSettings
 from services.router.downstreams import GrpcInferenceClient
 from tests.fake_provider import FakeProvider
-
-
-@asynccontextmanager
-async def _replica(provider: FakeProvider) -> AsyncIterator[str]:
-    settings = InferenceSettings(port=0, provider_base_url=provider.url, served_models="m=fake-small")
-    bindings, close = await build(settings)
-    server = GrpcServer(settings, bindings)
-    port = await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-        await close()
+from tests.support.inference import inference_replica
 
 
 async def test_new_work_goes_to_the_less_busy_replica(clean_env: None) -> None:
     async with AsyncExitStack() as stack:
         provider = await stack.enter_async_context(FakeProvider())
         provider.configure(chunk_delay_ms=200, extra_words=20)  # each stream holds its replica for seconds
-        a = await stack.enter_async_context(_replica(provider))
-        b = await stack.enter_async_context(_replica(provider))
+        a = await stack.enter_async_context(inference_replica(provider))
+        b = await stack.enter_async_context(inference_replica(provider))
         client = GrpcInferenceClient(margin_s=0.01, cap_s=30, fail_max=3, reset_timeout_s=5, load_poll_s=0.1)
         try:
             assert client.order([a, b]) == [a, b]  # idle: the configured order

@@ -16,9 +16,6 @@ import pytest
 from libs.chat import ChatMessage, GenerationParams, Principal, Role
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, Overloaded
-from libs.grpc_server import GrpcServer
-from services.inference.server import build
-from services.inference.settings import InferenceSettings
 from services.router.downstreams import GrpcInferenceClient
 from services.router.failover import RetryPolicy
 from services.router.gateway import CachePolicy, Gateway, GenerateCommand, Summary
@@ -26,6 +23,7 @@ from services.router.keys import KeyRecord
 from services.router.registry import ModelEntry
 from services.router.shedding import LoadShedder, SheddingPolicy
 from tests.fake_provider import FakeProvider
+from tests.support.inference import inference_replica
 from tests.unit.router.test_gateway import Ledger, MemoryCache, MemoryLimiter, _registry
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,20 +31,6 @@ pytestmark = pytest.mark.timeout(120)
 MEMBER = KeyRecord("k1", Principal("org1", "team1", "k1"), "member", (), None, False)
 FAIL_MAX = 3
 RESET_S = 0.5
-
-
-@asynccontextmanager
-async def _inference(provider: FakeProvider, model: str, **settings: object) -> AsyncIterator[str]:
-    config = InferenceSettings(port=0, provider_base_url=provider.url, served_models=f"{model}=fake-small",
-                               **settings)  # type: ignore[arg-type]
-    bindings, close = await build(config)
-    server = GrpcServer(config, bindings)
-    port = await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-        await close()
 
 
 @dataclass
@@ -63,8 +47,8 @@ async def _mesh(*, shedder: LoadShedder | None = None, max_concurrency: int = 64
     async with AsyncExitStack() as stack:
         primary = await stack.enter_async_context(FakeProvider())
         backup = await stack.enter_async_context(FakeProvider())
-        a = await stack.enter_async_context(_inference(primary, "primary", max_concurrency=max_concurrency))
-        b = await stack.enter_async_context(_inference(backup, "backup", max_concurrency=max_concurrency))
+        a = await stack.enter_async_context(inference_replica(primary, "primary", max_concurrency=max_concurrency))
+        b = await stack.enter_async_context(inference_replica(backup, "backup", max_concurrency=max_concurrency))
         client = GrpcInferenceClient(margin_s=0.01, cap_s=30, fail_max=FAIL_MAX, reset_timeout_s=RESET_S,
                                      load_poll_s=0.1)
         registry = _registry(ModelEntry("primary", "fake", a, 8192, "strong"),
