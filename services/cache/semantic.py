@@ -120,9 +120,6 @@ class SemanticTier:
         # Cached prompts are analysed again on every candidate check; keep the recent ones.
         self._analyses: OrderedDict[str, Analysis] = OrderedDict()
         self._analysis_cache = analysis_cache
-        if verifier.embedder_fingerprint and verifier.embedder_fingerprint != embedder.fingerprint:
-            log.warning("the verifier was trained with embedder %s, serving with %s: retrain it",
-                        verifier.embedder_fingerprint, embedder.fingerprint)
 
     # --- CacheTier ---
     async def lookup(self, key: CacheKey, options: LookupOptions, now: float) -> CacheHit | None:

@@ -94,6 +94,11 @@ def build_semantic(settings: CacheSettings, on_rejected: Callable[[CacheKey, str
                                "(run python -m services.cache.setup_models)"), None
     embedder = StaticEmbedder(model_dir)
     verifier = Verifier.load(Path(settings.verifier_model_path) if settings.verifier_model_path else DEFAULT_MODEL_PATH)
+    mismatch = verifier.embedder_mismatch(embedder)
+    if mismatch is not None:
+        # Fail safe: an unverifiable semantic tier could serve wrong answers; the exact tier serves alone.
+        log.warning("semantic tier off: %s", mismatch)
+        return UnavailableTier(f"semantic tier off: {mismatch}"), None
     if settings.semantic_threshold:
         verifier.default_threshold = settings.semantic_threshold
     vectors: VectorStore

@@ -21,11 +21,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.cache.embedding import Analysis
+from services.cache.embedding import Analysis, Embedder
 from services.cache.features import FEATURE_NAMES, hard_veto, pair_features
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "verifier.json"
 MODEL_FORMAT = "tollgate-verifier/1"
+# Another distillation of the embedding model (other fingerprint: other BLAS, other thread count) is trusted only
+# when it scores the model file's probe pairs within this of what the training embedding scored.
+PROBE_TOLERANCE = 0.02
 
 
 class TreeEnsemble:
@@ -93,11 +96,13 @@ class Verifier:
     """Scores (new prompt, cached prompt) pairs; the threshold is the caller's operating point."""
 
     def __init__(self, model: TreeEnsemble, *, default_threshold: float, embedder_fingerprint: str = "",
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None, probes: list[dict[str, Any]] | None = None):
         self.model = model
         self.default_threshold = default_threshold
         self.embedder_fingerprint = embedder_fingerprint
         self.metadata = metadata or {}
+        # (prompt a, prompt b, probability under the training embedding): see embedder_mismatch.
+        self.probes = probes or []
 
     @classmethod
     def load(cls, path: Path = DEFAULT_MODEL_PATH) -> Verifier:
@@ -107,7 +112,30 @@ class Verifier:
         if tuple(doc["features"]) != FEATURE_NAMES:
             raise ValueError(f"{path}: trained on other features than this code computes; retrain it")
         return cls(TreeEnsemble(doc["trees"]), default_threshold=float(doc["default_threshold"]),
-                   embedder_fingerprint=str(doc.get("embedder_fingerprint", "")), metadata=doc.get("training", {}))
+                   embedder_fingerprint=str(doc.get("embedder_fingerprint", "")), metadata=doc.get("training", {}),
+                   probes=list(doc.get("embedder_probes") or []))
+
+    def embedder_mismatch(self, embedder: Embedder) -> str | None:
+        """Why this model must not verify with ``embedder`` (None: it may).
+
+        The trees split on cosines and word-vector alignments of the embedding they were trained with. The same
+        distillation on another machine can differ in the last bits (another fingerprint) and is fine; another
+        embedding model is not, and would make the verifier wave through wrong answers. So a different
+        fingerprint is accepted only when the stored probe pairs score as they did in training.
+        """
+        if not self.embedder_fingerprint or self.embedder_fingerprint == embedder.fingerprint:
+            return None
+        if not self.probes:
+            return (f"the verifier was trained with embedder {self.embedder_fingerprint}, not {embedder.fingerprint}, "
+                    "and has no probes to compare them: retrain it (python -m services.cache.verifier_training)")
+        worst = max(abs(self.score(embedder.analyze(str(p["a"])), embedder.analyze(str(p["b"]))) - float(p["p"]))
+                    for p in self.probes)
+        if worst > PROBE_TOLERANCE:
+            return (f"embedder {embedder.fingerprint} differs from the verifier's training one "
+                    f"({self.embedder_fingerprint}): probe scores off by {worst:.3f} > {PROBE_TOLERANCE}; retrain it "
+                    "(python -m services.cache.verifier_training)")
+        self.metadata = {**self.metadata, "probe_max_abs_diff": round(worst, 6)}
+        return None
 
     def score(self, a: Analysis, b: Analysis) -> float:
         return sigmoid(self.model.raw_one(pair_features(a, b)))

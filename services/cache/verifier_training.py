@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from services.cache.embedding import Analysis, Embedder
 from services.cache.features import FEATURE_NAMES, hard_veto, pair_features
-from services.cache.verifier import DEFAULT_MODEL_PATH, MODEL_FORMAT, TreeEnsemble
+from services.cache.verifier import DEFAULT_MODEL_PATH, MODEL_FORMAT, TreeEnsemble, Verifier
 
 N_FOLDS = 5
 SEED = 20241123
@@ -56,6 +56,23 @@ TARGET_FPR_BANKING = 0.006
 TARGET_FPR_PAWS = 0.035
 
 F64 = npt.NDArray[np.float64]
+
+# Our own pairs (not from the evaluation data), scored at training time and stored in the model file: a
+# differently distilled embedding is trusted only if it scores them alike (Verifier.embedder_mismatch).
+PROBE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("How do I reset my password?", "How can I change my password if I forgot it?"),
+    ("How do I reset my password?", "How do I reset my username?"),
+    ("What is the capital of France?", "Which city is the capital of France?"),
+    ("What is the capital of France?", "What is the capital of Spain?"),
+    ("Can I get a refund for a cancelled order?", "Is a refund possible when my order was cancelled?"),
+    ("Why was my card declined at the shop?", "Why did the shop decline my card payment?"),
+    ("Why was my card declined at the shop?", "Why was my card not delivered yet?"),
+    ("The film was released in 1998 in France.", "The film was released in France in 1998."),
+    ("He was born in Paris and died in London.", "He was born in London and died in Paris."),
+    ("Is the museum open on Sundays?", "Is the museum closed on Sundays?"),
+    ("How long does a bank transfer take to arrive?", "When will my transfer show up in the other account?"),
+    ("Translate 'good morning' into German.", "Write a poem about the sea."),
+)
 
 
 @dataclass
@@ -310,11 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     all_masks = [np.ones(len(s), dtype=bool) for s in sets]
     trees = train(np.concatenate(feats), np.concatenate([np.asarray(s.label) for s in sets]),
                   _weights(sets, all_masks))
+    final = Verifier(TreeEnsemble(trees), default_threshold=threshold)
+    probes = [{"a": a, "b": b, "p": round(final.score(embedder.analyze(a), embedder.analyze(b)), 6)}
+              for a, b in PROBE_PAIRS]
     doc = {
         "format": MODEL_FORMAT,
         "features": list(FEATURE_NAMES),
         "default_threshold": threshold,
         "embedder_fingerprint": embedder.fingerprint,
+        "embedder_probes": probes,
         "training": {
             "command": "python -m services.cache.verifier_training",
             "data": ["paws_wiki/dev.tsv (all pairs)",

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     embedder = StaticEmbedder(ensure_static_model())
     verifier = Verifier.load()
-    rows = evaluate(args.data, embedder, verifier, args.pairs)
+    rows = evaluate(args.data, embedder, verifier, args.pairs, log=lambda line: print(line, file=sys.stderr))
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
