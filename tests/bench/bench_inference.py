@@ -41,6 +41,7 @@ from tollgate.inference.v1 import inference_pb2, inference_pb2_grpc
 from libs.chat import ChatMessage, GenerationChunk, GenerationParams, Role
 from libs.deadlines import Deadline
 from services.inference.model_setup import DEFAULT_DIR, MODEL_NAME
+from tests.bench.load import measure
 from tests.support.infra import free_port
 from tests.support.procs import ServiceProcess
 
@@ -48,7 +49,7 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "mt_bench" / "q
 DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 MARK = "bench:inference"
 # A finished engine's core keeps polling its worker for about a second (vLLM's shm queue busy-loop);
-# the pause lets it go idle before the other path's round starts.
+# the pause lets it go idle before the other path's block starts.
 SETTLE_S = 1.5
 
 Run = Callable[[str, str], AsyncIterator[int]]  # (request id, prompt) -> the token count of each delta
@@ -87,23 +88,21 @@ def paired_added_ttft(direct: PathStats, grpc: PathStats) -> tuple[float, float,
 
 
 async def run_block(run: Run, prompts: list[tuple[int, str]], concurrency: int, tag: str, into: PathStats) -> None:
-    """A closed loop: ``concurrency`` streams in flight until every prompt is served."""
-    queue = list(reversed(prompts))
+    """A closed loop (the benchmarks' shared load generator): ``concurrency`` streams in flight until every
+    prompt is served."""
 
-    async def worker() -> None:
-        while queue:
-            key, text = queue.pop()
-            t0 = time.perf_counter()
-            first = True
-            async for n in run(f"{tag}-{key}", text):
-                if first and n:
-                    into.ttft_ms[key] = (time.perf_counter() - t0) * 1000
-                    first = False
-                into.tokens += n
+    async def stream(i: int) -> None:
+        key, text = prompts[i]
+        t0 = time.perf_counter()
+        first = True
+        async for n in run(f"{tag}-{key}", text):
+            if first and n:
+                into.ttft_ms[key] = (time.perf_counter() - t0) * 1000
+                first = False
+            into.tokens += n
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    into.wall_s += time.perf_counter() - start
+    result = await measure(stream, concurrency, len(prompts), warmup=0)
+    into.wall_s += len(prompts) / result["per_s"]
 
 
 def params(max_tokens: int) -> GenerationParams:
