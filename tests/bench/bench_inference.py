@@ -69,6 +69,9 @@ class PathStats:
     ttft_ms: dict[int, float] = field(default_factory=dict)
     tokens: int = 0
     wall_s: float = 0.0
+    # gRPC path only: CPU of the service process itself, and of the vLLM processes under it (engine core, worker).
+    service_cpu_ms: float = 0.0
+    engine_cpu_ms: float = 0.0
 
     @property
     def tok_s(self) -> float:
@@ -103,6 +106,28 @@ async def run_block(run: Run, prompts: list[tuple[int, str]], concurrency: int, 
 
     result = await measure(stream, concurrency, len(prompts), warmup=0)
     into.wall_s += len(prompts) / result["per_s"]
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms(pid: int) -> float:
+    """User + system CPU of one process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [int(child), *descendants(int(child))]
+    return out
+
+
+def cpu_split_ms(pid: int) -> tuple[float, float]:
+    """CPU of ``pid`` itself and of everything under it."""
+    return cpu_ms(pid), sum(cpu_ms(child) for child in descendants(pid))
 
 
 def params(max_tokens: int) -> GenerationParams:
@@ -180,7 +205,12 @@ async def compare(args: argparse.Namespace) -> dict[int, dict[str, PathStats]]:
                         key += n
                         for name in (("direct", "grpc") if b % 2 == 0 else ("grpc", "direct")):
                             await asyncio.sleep(SETTLE_S)
+                            before = cpu_split_ms(proc.proc.pid)
                             await run_block(runs[name], prompts, c, f"{name}-c{c}", out[c][name])
+                            if name == "grpc":
+                                after = cpu_split_ms(proc.proc.pid)
+                                out[c][name].service_cpu_ms += after[0] - before[0]
+                                out[c][name].engine_cpu_ms += after[1] - before[1]
                     d, g = out[c]["direct"], out[c]["grpc"]
                     print(f"c={c}: direct {d.tok_s:.1f} tok/s TTFT p50 {d.ttft(0.5):.1f} ms | gRPC {g.tok_s:.1f} "
                           f"tok/s TTFT p50 {g.ttft(0.5):.1f} ms | paired added TTFT {paired_added_ttft(d, g)[0]:+.1f} "
@@ -221,7 +251,14 @@ def render(args: argparse.Namespace, results: dict[int, dict[str, PathStats]], l
         "both paths. tok/s: all output tokens over all blocks' wall time. Added TTFT: median over prompts of "
         "(gRPC TTFT - direct TTFT) for the same prompt (the verdict below uses it; the difference of the two p50s "
         "is shown too). Target: gRPC throughput >= 95% of direct, TTFT <= +5 ms.",
-        "", *rows, "", "Result: " + "; ".join(verdicts) + "."])
+        "", *rows, "",
+        "CPU per generated token on the gRPC path (from /proc, over the gRPC blocks): the service process "
+        + ", ".join(f"{g.service_cpu_ms / max(1, g.tokens):.2f} ms at c={c}"
+                    for c, g in ((c, results[c]["grpc"]) for c in args.levels))
+        + "; vLLM's engine core and worker under it "
+        + ", ".join(f"{g.engine_cpu_ms / max(1, g.tokens):.2f} ms"
+                    for g in (results[c]["grpc"] for c in args.levels)) + ".",
+        "", "Result: " + "; ".join(verdicts) + "."])
 
 
 def main() -> None:
