@@ -26,6 +26,8 @@ from pathlib import Path
 from libs.launcher import REPO_ROOT, free_port
 
 LITELLM_VENV = REPO_ROOT / ".tollgate" / "bench" / "litellm-venv"
+LITELLM_VERSION = "1.106.2"
+LITELLM_CONSTRAINTS = Path(__file__).with_name("litellm-constraints.txt")
 UPSTREAM_MODEL = "bench-upstream"
 # The same answer and usage in both upstream bodies (JSON for LiteLLM, SSE for tollgate's engine).
 ANSWER_PARTS = ["The ", "gateway ", "answered ", "this ", "from ", "a ", "fixed ", "upstream."]
@@ -92,9 +94,10 @@ def ensure_litellm(venv: Path = LITELLM_VENV) -> Path:
     print(f"bench-gateway: installing litellm[proxy] into {venv} (once) …", flush=True)
     if not (venv / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    if subprocess.run([*pip, "litellm[proxy]"]).returncode != 0 or not exe.exists():
+    # Pinned, dependencies included: the baseline must not move with an upstream release.
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(LITELLM_CONSTRAINTS)]
+    subprocess.run([*pip, "pip"], check=True)
+    if subprocess.run([*pip, f"litellm[proxy]=={LITELLM_VERSION}"]).returncode != 0 or not exe.exists():
         raise HarnessError(f"pip install 'litellm[proxy]' into {venv} failed (see above)")
     return exe
 
