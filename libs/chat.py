@@ -18,6 +18,7 @@ from typing import Any
 from tollgate.common.v1 import common_pb2
 
 from libs.errors import Violations
+from libs.validation import check_finite, check_name, check_text
 
 
 class Role(StrEnum):
@@ -191,20 +192,39 @@ def finish_from_proto(value: int) -> FinishReason | None:
     return _FINISH_FROM_PROTO.get(value)  # type: ignore[call-overload, no-any-return]
 
 
+# Limits of the shared request validation (the router, cache and inference services all apply them;
+# documented in tollgate/common/v1/common.proto and docs/architecture.md).
+MAX_MESSAGES = 256
+MAX_MESSAGES_CHARS = 1_000_000  # all message contents together
+MAX_MESSAGE_NAME_CHARS = 64  # ChatMessage.name (OpenAI's limit)
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 128
+MAX_OUTPUT_TOKENS = 32_768
+
+
 def validate_messages(messages: Iterable[common_pb2.ChatMessage], violations: Violations,
-                      field_prefix: str = "messages", max_messages: int = 256, max_chars: int = 1_000_000) -> None:
-    """Shared request validation for a list of proto ChatMessages."""
+                      field_prefix: str = "messages", max_messages: int = MAX_MESSAGES,
+                      max_chars: int = MAX_MESSAGES_CHARS) -> None:
+    """Shared request validation for a list of proto ChatMessages.
+
+    Content is free text: only NUL is refused (no backend or store can carry it); other control
+    characters are the caller's business. A name is one line without control characters.
+    """
     items = list(messages)
     if not items:
         violations.add(field_prefix, "at least one message is required")
         return
     if len(items) > max_messages:
         violations.add(field_prefix, f"at most {max_messages} messages")
+        return  # the items of a list that is refused anyway are not worth checking one by one
     total = 0
     for i, m in enumerate(items):
         if m.role not in _ROLE_FROM_PROTO:
             violations.add(f"{field_prefix}[{i}].role", "role must be system, user, assistant or tool")
         total += len(m.content)
+        if "\x00" in m.content:
+            violations.add(f"{field_prefix}[{i}].content", "must not contain NUL characters")
+        check_name(violations, m.name, f"{field_prefix}[{i}].name", max_chars=MAX_MESSAGE_NAME_CHARS)
     if total > max_chars:
         violations.add(field_prefix, f"messages exceed {max_chars} characters in total")
     if items and items[-1].role == common_pb2.MESSAGE_ROLE_SYSTEM:
@@ -212,12 +232,20 @@ def validate_messages(messages: Iterable[common_pb2.ChatMessage], violations: Vi
 
 
 def validate_params(p: common_pb2.GenerationParams, violations: Violations, field_prefix: str = "params",
-                    max_output_tokens: int = 32_768) -> None:
-    if p.HasField("temperature") and not 0.0 <= p.temperature <= 2.0:
-        violations.add(f"{field_prefix}.temperature", "must be between 0 and 2")
-    if p.HasField("top_p") and not 0.0 < p.top_p <= 1.0:
-        violations.add(f"{field_prefix}.top_p", "must be in (0, 1]")
+                    max_output_tokens: int = MAX_OUTPUT_TOKENS) -> None:
+    """Shared validation of sampling parameters: finite and in range, bounded stop sequences."""
+    if p.HasField("temperature"):
+        check_finite(violations, p.temperature, f"{field_prefix}.temperature")
+        if not 0.0 <= p.temperature <= 2.0:
+            violations.add(f"{field_prefix}.temperature", "must be between 0 and 2")
+    if p.HasField("top_p"):
+        check_finite(violations, p.top_p, f"{field_prefix}.top_p")
+        if not 0.0 < p.top_p <= 1.0:
+            violations.add(f"{field_prefix}.top_p", "must be in (0, 1]")
     if p.max_output_tokens > max_output_tokens:
         violations.add(f"{field_prefix}.max_output_tokens", f"must be at most {max_output_tokens}")
-    if len(p.stop) > 8:
-        violations.add(f"{field_prefix}.stop", "at most 8 stop sequences")
+    if len(p.stop) > MAX_STOP_SEQUENCES:
+        violations.add(f"{field_prefix}.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    else:
+        for i, stop in enumerate(p.stop):
+            check_text(violations, stop, f"{field_prefix}.stop[{i}]", max_chars=MAX_STOP_CHARS, required=True)

@@ -1,4 +1,5 @@
-"""Admin subcommands of ``tollgate``: keys, audit, cost report, reconciliation, A/B experiments.
+"""Admin subcommands of ``tollgate``: keys, audit, cost report, reconciliation, A/B experiments, ledger
+dead letters.
 
 They talk to a running router's AdminService with an admin key (``TOLLGATE_ADMIN_KEY`` or
 ``--admin-key-file``; never a command-line argument, where ``ps`` would show it), and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -351,6 +353,87 @@ async def _experiment_report(args: argparse.Namespace) -> int:
     return await _with_admin(args, body)
 
 
+# --- ledger dead letters --------------------------------------------------------------------
+
+_OUTCOME_NAME = {admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_INSERTED: "inserted",
+                 admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_ALREADY_IN_LEDGER: "already in ledger",
+                 admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_REFUSED: "REFUSED",
+                 admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_NOT_FOUND: "NOT FOUND"}
+
+
+async def _dead_letters_list(args: argparse.Namespace) -> int:
+    async def body(api: AdminApi) -> int:
+        shown, token, total = 0, "", 0
+        if not args.json:
+            print(f"{'id':<17} {'request id':<34} {'tries':>5} {'set aside (UTC)':<19}  reason")
+        while shown < args.limit:
+            resp = await api.call("ListDeadLetters", admin_pb2.ListDeadLettersRequest(
+                page_size=min(args.limit - shown, 1000), page_token=token))
+            total = resp.total
+            for d in resp.dead_letters:
+                when = f"{_dt(d.dead_time):%Y-%m-%d %H:%M:%S}" if d.HasField("dead_time") else "-"
+                if args.json:
+                    print(json.dumps({"id": d.id, "request_id": d.request_id, "reason": d.reason,
+                                      "attempts": d.attempts, "dead_time": when, "source_entry_id": d.source_entry_id,
+                                      "event_json": d.event_json}))
+                else:
+                    print(f"{d.id:<17} {d.request_id or '-':<34} {d.attempts:>5} {when:<19}  {d.reason}")
+                    if args.events:
+                        print(f"    event: {d.event_json}")
+            shown += len(resp.dead_letters)
+            token = resp.next_page_token
+            if not token:
+                break
+        if not args.json:
+            print(f"{total} dead letter(s) in all" + (f", {shown} shown" if shown < total else ""))
+        # Non-zero while any exist, so a cron job or CI step can alert on it.
+        return 1 if total else 0
+
+    return await _with_admin(args, body)
+
+
+def _repaired_event(args: argparse.Namespace) -> str:
+    path: Path | None = args.event_file
+    if path is None:
+        return ""
+    if len(args.ids) != 1:
+        raise CliError("--event-file repairs exactly one dead letter: give its id")
+    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"{path}: not JSON ({exc})") from None
+    return text.strip()
+
+
+async def _dead_letters_replay(args: argparse.Namespace) -> int:
+    if bool(args.ids) == args.all:
+        raise CliError("give the ids to replay, or --all")
+    repaired = _repaired_event(args)
+
+    async def body(api: AdminApi) -> int:
+        resp = await api.call("ReplayDeadLetters", admin_pb2.ReplayDeadLettersRequest(
+            ids=args.ids, all=args.all, repaired_event_json=repaired))
+        for r in resp.results:
+            outcome = _OUTCOME_NAME.get(r.outcome, "?")
+            extra = f": {r.reason} (now {r.new_id})" if r.reason else ""
+            print(f"{r.id:<17} {r.request_id or '-':<34} {outcome}{extra}")
+        failed = sum(1 for r in resp.results if r.outcome in (admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_REFUSED,
+                                                             admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_NOT_FOUND))
+        print(f"{len(resp.results) - failed} replayed, {failed} not; {resp.remaining} dead letter(s) left")
+        return 1 if failed else 0
+
+    return await _with_admin(args, body)
+
+
+DEAD_LETTERS_HELP = ("Usage events the ledger writer could not write: malformed entries, or rows PostgreSQL "
+                     "refused, with the reason (error class, SQLSTATE, column; never the values). They wait in "
+                     "the Redis stream <prefix>usage:dead; while any do, the router's health reports "
+                     "tollgate.router.v1.Ledger NOT_SERVING. 'replay' inserts them into the ledger again "
+                     "(a request already there is not written twice) and removes each once its row is "
+                     "committed; --event-file replaces one entry's event with a repaired one (same request id).")
+
+
 # --- wiring ----------------------------------------------------------------------------------
 
 def _connection_args(p: argparse.ArgumentParser, *, ratelimit: bool = False) -> None:
@@ -481,6 +564,25 @@ def register(sub: Any) -> None:
     exp_report.add_argument("name")
     exp_report.add_argument("--alpha", type=float, default=0.05, help="family-wise level (default %(default)s)")
     exp_report.set_defaults(func=_run(_experiment_report))
+
+    dead = sub.add_parser("dead-letters", help="usage events the ledger refused: list and replay them",
+                          description=DEAD_LETTERS_HELP)
+    dead_sub = dead.add_subparsers(dest="dead_letters_command", required=True)
+    dead_list = dead_sub.add_parser("list", help="list dead letters, oldest first (exit 1 while any exist)",
+                                    description=DEAD_LETTERS_HELP)
+    _connection_args(dead_list)
+    dead_list.add_argument("--limit", type=int, default=100, help="show at most this many (default %(default)s)")
+    dead_list.add_argument("--events", action="store_true", help="also print each stored event (JSON)")
+    dead_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    dead_list.set_defaults(func=_run(_dead_letters_list))
+    dead_replay = dead_sub.add_parser("replay", help="insert dead letters into the ledger again",
+                                      description=DEAD_LETTERS_HELP)
+    _connection_args(dead_replay)
+    dead_replay.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (from 'list')")
+    dead_replay.add_argument("--all", action="store_true", help="every dead letter there is now")
+    dead_replay.add_argument("--event-file", type=Path, metavar="FILE",
+                             help="a repaired event (JSON; '-' reads stdin) for the one ID given")
+    dead_replay.set_defaults(func=_run(_dead_letters_replay))
 
 
 def main(argv: list[str] | None = None) -> int:

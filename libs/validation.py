@@ -19,6 +19,8 @@ from libs.errors import Violations
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Every C0 control and DEL: for identifiers, labels and names (one line, no tabs).
 _CONTROL_OR_WHITESPACE_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What an id that travels in HTTP headers and log fields may hold: ASCII only (a header cannot carry the rest).
+_TOKEN = re.compile(r"[A-Za-z0-9._:\-]+")
 
 # Defaults for what is not free text (ids, names, label keys and values).
 MAX_ID_CHARS = 256
@@ -88,3 +90,17 @@ def check_timestamp(v: Violations, seconds: int, nanos: int, field_path: str) ->
         v.add(field_path, "nanos must be between 0 and 999,999,999")
         return False
     return True
+
+
+def check_token(v: Violations, value: str, field_path: str, *, max_chars: int = MAX_ID_CHARS,
+                required: bool = False) -> None:
+    """An id that is forwarded in HTTP headers: ASCII letters, digits, ``.``, ``_``, ``:`` and ``-`` only."""
+    if not value:
+        if required:
+            v.add(field_path, "required")
+        return
+    if len(value) > max_chars:
+        v.add(field_path, f"at most {max_chars} characters")
+    elif not _TOKEN.fullmatch(value):
+        v.add(field_path, "only ASCII letters, digits, '.', '_', ':' and '-'")
+

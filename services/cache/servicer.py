@@ -17,6 +17,7 @@ from libs.chat import (
 )
 from libs.deadlines import Deadline
 from libs.errors import Violations
+from libs.validation import check_finite, check_name
 from services.cache.cache import ResponseCache
 from services.cache.domain import (
     CacheHit,
@@ -30,6 +31,13 @@ from services.cache.domain import (
 )
 from services.cache.settings import CacheSettings
 
+# Hard caps on what a request may carry (entries over max_entry_bytes are accepted but not stored).
+MAX_CONTENT_CHARS = 1_048_576
+# Token counts of one generation (the limiter's max_estimated_tokens), and prices as the router caps them:
+# saved_nano_usd = price x tokens / 1e6 must stay far inside Redis's 64-bit counters.
+MAX_USAGE_TOKENS = 10_000_000
+MAX_PRICE_NANO_USD_PER_MTOK = 10**15
+
 _TIER_TO_PROTO = {TierKind.EXACT: common_pb2.CACHE_TIER_EXACT, TierKind.SEMANTIC: common_pb2.CACHE_TIER_SEMANTIC}
 
 
@@ -42,10 +50,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                      context: grpc.aio.ServicerContext) -> cache_pb2.LookupResponse:
         v = Violations()
         self._check_key(request.key, v)
+        check_finite(v, request.semantic_threshold, "semantic_threshold")
         v.check(0.0 <= request.semantic_threshold < 1.0, "semantic_threshold", "must be in [0, 1) (0: the default)")
         pr = request.price
-        v.check(min(pr.input_nano_usd_per_mtok, pr.output_nano_usd_per_mtok, pr.cached_input_nano_usd_per_mtok) >= 0,
-                "price", "prices must not be negative")
+        for name in ("input_nano_usd_per_mtok", "output_nano_usd_per_mtok", "cached_input_nano_usd_per_mtok"):
+            v.check(0 <= getattr(pr, name) <= MAX_PRICE_NANO_USD_PER_MTOK, f"price.{name}",
+                    f"must be between 0 and {MAX_PRICE_NANO_USD_PER_MTOK}")
         v.raise_if_any()
         price = TokenPrice(pr.input_nano_usd_per_mtok, pr.output_nano_usd_per_mtok,
                            pr.cached_input_nano_usd_per_mtok) if request.HasField("price") else None
@@ -62,6 +72,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         v = Violations()
         self._check_key(request.key, v)
         v.check(bool(request.content.strip()), "content", "must not be empty")
+        v.check(len(request.content) <= MAX_CONTENT_CHARS, "content", f"at most {MAX_CONTENT_CHARS} characters")
+        v.check("\x00" not in request.content, "content", "must not contain NUL characters")
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens"):
+            v.check(getattr(request.usage, name) <= MAX_USAGE_TOKENS, f"usage.{name}",
+                    f"must be at most {MAX_USAGE_TOKENS}")
         v.check(request.ttl_seconds <= self._settings.max_ttl_s, "ttl_seconds",
                 f"must be at most {self._settings.max_ttl_s} (0 means the default)")
         v.raise_if_any()
@@ -114,6 +129,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             v.add(field, f"must be at most {limit} characters")
         elif strict and (not value.isprintable() or value != value.strip()):
             v.add(field, "must be printable, without leading or trailing whitespace")
+        else:
+            check_name(v, value, field, max_chars=limit)  # no control characters in any id
 
     def _check_key(self, key: cache_pb2.CacheKeyInput, v: Violations) -> None:
         ns = key.namespace

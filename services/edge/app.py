@@ -1,9 +1,11 @@
 """The HTTP routes: OpenAI JSON in, RouterService over one long-lived gRPC channel, OpenAI JSON / SSE out.
 
 No business logic: authentication, validation of values, limits, caching and routing are the
-router's. This module moves bytes between the two protocols (via :mod:`services.edge.openai_format`)
-and ties the gRPC call's life to the HTTP client's: a client that disconnects cancels the call, so
-the router settles the request as cancelled.
+router's; the edge refuses what cannot be a request (malformed or oversized, see
+:mod:`services.edge.openai_format`) and bodies over ``max_body_bytes`` before reading them all. This
+module moves bytes between the two protocols (via :mod:`services.edge.openai_format`) and ties
+the gRPC call's life to the HTTP client's: a client that disconnects cancels the call, so the
+router settles the request as cancelled.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 _JSON = "application/json"
 _ROUTER_SERVICE = "tollgate.router.v1.RouterService"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# A tollgate key is about 50 characters: anything much longer is not one (and could pass gRPC's metadata limit).
+MAX_AUTHORIZATION_CHARS = 1024
 
 
 def _error_response(reply: fmt.ErrorReply) -> Response:
@@ -105,14 +109,22 @@ class Edge:
     # --- helpers ------------------------------------------------------------------
 
     async def _body(self, request: Request) -> bytes:
+        """The body, refused (``_TooLarge``) as soon as it passes the limit: a declared Content-Length over it
+        is refused before a byte is read, a chunked body once the bytes read so far pass it. What is left
+        unread is drained and dropped by uvicorn, so the client still gets its 413."""
         limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        # len() first: int() of a long digit string is slow, and refused past 4300 digits.
+        if length is not None and length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > limit):
             raise _TooLarge
-        body = await request.body()
-        if len(body) > limit:
-            raise _TooLarge
-        return body
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _too_large(self) -> Response:
         return _error_response(fmt.error_body(413, f"the request body exceeds {self.settings.max_body_bytes} bytes",
@@ -126,7 +138,8 @@ class Edge:
         auth = request.headers.get("authorization")
         if auth is None:
             return client
-        if not (auth.isascii() and auth.isprintable()):
+        # gRPC metadata must be printable ASCII, and the router accepts at most 8 KiB of it.
+        if not (auth.isascii() and auth.isprintable()) or len(auth) > MAX_AUTHORIZATION_CHARS:
             raise Unauthenticated("the Authorization header is malformed")
         return (("authorization", auth), *client)
 
@@ -137,6 +150,10 @@ class Edge:
     # --- routes -------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
+        unsupported = fmt.unsupported_media(request.headers.get("content-type"),
+                                            request.headers.get("content-encoding"))
+        if unsupported is not None:
+            return _error_response(unsupported)
         try:
             body = await self._body(request)
             call = fmt.chat_request(body, cache_header=request.headers.get(fmt.CACHE_HEADER))
@@ -144,6 +161,8 @@ class Edge:
             timeout = self._timeout(request)
         except _TooLarge:
             return self._too_large()
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            return Response(status_code=499)
         except TollgateError as exc:
             return _error_response(fmt.error_reply(exc))
         if call.stream:

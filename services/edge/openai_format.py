@@ -5,15 +5,18 @@ Pure functions, no I/O and no gRPC: the request body (bytes) becomes a ``Generat
 ``chat.completion.chunk`` SSE frames; a domain error (with the gRPC status code name it arrived
 with) becomes an HTTP status, headers and ``{"error": {...}}`` body.
 
-Only types are checked here (wrong types are a 400 before the router is called); value ranges
-(temperature, max tokens, message count, known models) are the router's to judge, and its field
-violations are renamed to the OpenAI parameter names.
+Checked here, before the router is called: that the body is strict JSON (UTF-8, no NaN/Infinity, no
+number that overflows a double, no lone surrogate, bounded nesting), the types of the fields, and the
+router's size limits (:data:`LIMITS`, the same numbers the router enforces) so an oversized request
+costs no gRPC call. Value ranges (temperature, max tokens, known models) are the router's to judge,
+and its field violations are renamed to the OpenAI parameter names.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +24,7 @@ from typing import Any
 from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import router_pb2
 
+from libs import chat
 from libs.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -34,6 +38,15 @@ from libs.errors import (
     TollgateError,
     Unauthenticated,
     Unavailable,
+    Violations,
+)
+from libs.validation import (
+    MAX_LABEL_KEY_CHARS,
+    MAX_LABEL_VALUE_CHARS,
+    MAX_LABELS,
+    check_labels,
+    check_name,
+    check_text,
 )
 
 
@@ -75,8 +88,49 @@ class ChatCall:
     include_usage: bool
 
 
+# The router's limits on a GenerationInput (the shared ones from libs.chat / libs.validation; the router's
+# own in services/router/limits.py, which the edge does not import), enforced here too so an oversized
+# request costs no gRPC call and the 400 names the OpenAI parameter. tests/fuzz/test_fuzz_edge.py checks
+# that the running router refuses one past each limit and takes one at it.
+MAX_MESSAGES = chat.MAX_MESSAGES  # 256
+MAX_MESSAGE_CHARS = chat.MAX_MESSAGES_CHARS  # 1,000,000: all messages' content together, in code points
+MAX_MESSAGE_NAME_CHARS = chat.MAX_MESSAGE_NAME_CHARS  # 64
+MAX_STOP = chat.MAX_STOP_SEQUENCES  # 8
+MAX_STOP_CHARS = chat.MAX_STOP_CHARS  # 128
+MAX_MODEL_NAME_CHARS = 128  # model, fallback_models[] (the router's MAX_MODEL_NAME_CHARS)
+MAX_FALLBACK_MODELS = 4  # the router's MAX_FALLBACK_MODELS
+MAX_USER_CHARS = 256  # the router's MAX_USER_ID_CHARS
+# Not the router's: how deeply the JSON body may nest (chat bodies nest about 5 levels; a JSON schema in
+# an ignored field such as response_format a few dozen). Deeper bodies are refused before any field is read.
+MAX_JSON_DEPTH = 128
+LIMITS: dict[str, int] = {
+    "messages": MAX_MESSAGES, "messages_chars": MAX_MESSAGE_CHARS, "message_name_chars": MAX_MESSAGE_NAME_CHARS,
+    "stop": MAX_STOP, "stop_chars": MAX_STOP_CHARS, "model_chars": MAX_MODEL_NAME_CHARS,
+    "fallback_models": MAX_FALLBACK_MODELS, "user_chars": MAX_USER_CHARS, "metadata_entries": MAX_LABELS,
+    "metadata_key_chars": MAX_LABEL_KEY_CHARS, "metadata_value_chars": MAX_LABEL_VALUE_CHARS,
+    "json_depth": MAX_JSON_DEPTH,
+}
+
+
+INVALID_JSON = "INVALID_JSON"
+
+
 def _bad(param: str, description: str) -> InvalidArgument:
     return InvalidArgument([FieldViolation(param, description)], f"{param}: {description}")
+
+
+def _bad_json(description: str, param: str | None = None) -> InvalidArgument:
+    """A body that is not the strict JSON this API takes: 400 ``invalid_json``, naming where when known."""
+    violations = [FieldViolation(param, description)] if param else []
+    error = InvalidArgument(violations, f"{param}: {description}" if param else description)
+    error.reason = INVALID_JSON
+    return error
+
+
+def _short(value: object) -> str:
+    """A caller's value quoted in an error message, cut short (it may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _is_number(value: object) -> bool:
@@ -87,16 +141,142 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
+class _BadNumber:
+    """Stands in for NaN/Infinity tokens and numbers that overflow a double until the walk names the field."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str):
+        self.token = token
+
+
+def _refuse_constant(token: str) -> _BadNumber:
+    return _BadNumber(token)  # NaN, Infinity, -Infinity: Python's json accepts them, JSON does not
+
+
+def _finite_float(text: str) -> float | _BadNumber:
+    value = float(text)
+    return value if math.isfinite(value) else _BadNumber(text)
+
+
+def _strict_loads() -> Callable[[str], Any]:
+    """orjson when installed (it refuses NaN/Infinity itself), else the standard library with NaN/Infinity and
+    overflowing numbers marked for :func:`_check_tree`, which refuses them naming the field. Chosen once."""
     try:
-        data = loads(body)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
-        data = None
+        import orjson
+    except ImportError:
+        return json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+    return orjson.loads  # type: ignore[no-any-return]
+
+
+_loads_strict = _strict_loads()
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_problem(value: object) -> str | None:
+    """What is wrong with one scalar of the parsed body, or None."""
+    if isinstance(value, str):
+        # JSON text is UTF-8, so a surrogate can only come from a \\uD8xx escape with no partner: protobuf
+        # (UTF-8) cannot carry it.
+        if not value.isascii() and _SURROGATE.search(value):
+            return "contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)"
+        return None
+    if isinstance(value, _BadNumber):
+        return f"{_short(value.token)[1:-1]} is not a finite JSON number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite JSON number"
+    return None
+
+
+def _path_to_problem(data: object, path: str = "", depth: int = 1) -> tuple[str, str] | None:
+    """The first bad scalar's path and description, once :func:`_check_tree` found one (it is no deeper than
+    MAX_JSON_DEPTH, so neither is this recursion)."""
+    if depth > MAX_JSON_DEPTH:
+        return None
+    if isinstance(data, dict):
+        for key, item in data.items():
+            problem = _json_problem(key)
+            if problem is not None:
+                return path, f"a key {problem}"
+            found = _path_to_problem(item, f"{path}.{key}" if path else key, depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            found = _path_to_problem(item, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    problem = _json_problem(data)
+    return (path, problem) if problem is not None else None
+
+
+def _check_tree(data: object) -> None:
+    """Depth, lone surrogates and non-finite numbers anywhere in the body (iterative: no recursion limit;
+    the common scalars take the fast paths, a 16 MiB body is walked in well under a second)."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(data, 1)] if isinstance(data, dict | list) else []
+    bad = _json_problem(data) is not None
+    while stack and not bad:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _bad_json(f"the request body nests more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(node, dict):
+            bad = any(not k.isascii() and _json_problem(k) is not None for k in node)
+            items: Any = node.values()
+        else:
+            items = node
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                if item.isascii() or _json_problem(item) is None:
+                    continue
+            elif kind is dict or kind is list:
+                stack.append((item, depth + 1))
+                continue
+            elif kind is int or kind is bool or item is None or _json_problem(item) is None:
+                continue
+            bad = True
+            break
+    if bad:
+        found = _path_to_problem(data)
+        assert found is not None
+        raise _bad_json(found[1], found[0] or None)  # the body's own keys: no param
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, strictly: UTF-8, RFC 8259 numbers and strings, bounded nesting."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_json("the request body is not valid UTF-8") from None
+    try:
+        data = _loads_strict(text)
+    except RecursionError:  # the standard library's parser, past the interpreter's recursion limit
+        raise _bad_json(f"the request body nests more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as exc:  # JSONDecodeError (position only: the message may quote the body)
+        where = f" at character {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise _bad_json(f"the request body is not valid JSON{where}") from None
     if not isinstance(data, dict):
-        error = InvalidArgument([], "the request body must be a JSON object")
-        error.reason = "INVALID_JSON"
-        raise error
+        raise _bad_json("the request body must be a JSON object")
+    _check_tree(data)
     return data
+
+
+def _raise_first(v: Violations) -> None:
+    if v.items:
+        first = v.items[0]
+        raise _bad(first.field, first.description)
+
+
+def _name(value: object, param: str, max_chars: int, *, what: str = "a string", required: bool = False) -> str:
+    """An identifier-like string (model, name, user): bounded, one line, no control characters."""
+    if not isinstance(value, str):
+        raise _bad(param, f"must be {what}")
+    v = Violations()
+    check_name(v, value, param, max_chars=max_chars, required=required)
+    _raise_first(v)
+    return value
 
 
 def _content(value: object, param: str) -> str:
@@ -111,7 +291,7 @@ def _content(value: object, param: str) -> str:
         if not isinstance(part, dict):
             raise _bad(f"{param}[{j}]", "must be an object")
         if part.get("type") != "text":
-            raise _bad(f"{param}[{j}].type", f"content part type {part.get('type')!r} is not supported; "
+            raise _bad(f"{param}[{j}].type", f"content part type {_short(part.get('type'))} is not supported; "
                                             "only 'text'")
         text = part.get("text")
         if not isinstance(text, str):
@@ -123,7 +303,10 @@ def _content(value: object, param: str) -> str:
 def _messages(value: object) -> list[common_pb2.ChatMessage]:
     if not isinstance(value, list):
         raise _bad("messages", "must be a list of messages")
+    if len(value) > MAX_MESSAGES:
+        raise _bad("messages", f"at most {MAX_MESSAGES} messages")
     out: list[common_pb2.ChatMessage] = []
+    total = 0
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]", "must be an object")
@@ -132,10 +315,15 @@ def _messages(value: object) -> list[common_pb2.ChatMessage]:
         if role is None:
             raise _bad(f"messages[{i}].role", "must be one of system, developer, user, assistant, tool")
         name = m.get("name")
-        if name is not None and not isinstance(name, str):
-            raise _bad(f"messages[{i}].name", "must be a string")
-        out.append(common_pb2.ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content"),
-                                          name=name or ""))
+        if name is not None:
+            _name(name, f"messages[{i}].name", MAX_MESSAGE_NAME_CHARS)
+        content = _content(m.get("content"), f"messages[{i}].content")
+        total += len(content)
+        if total > MAX_MESSAGE_CHARS:
+            raise _bad("messages", f"messages exceed {MAX_MESSAGE_CHARS} characters in total")
+        if "\x00" in content:  # free text, but no backend or store can carry NUL (the router refuses it too)
+            raise _bad(f"messages[{i}].content", "must not contain NUL characters")
+        out.append(common_pb2.ChatMessage(role=role, content=content, name=name or ""))
     return out
 
 
@@ -148,8 +336,36 @@ def _cache_control(value: object, param: str) -> router_pb2.CacheControl:
         raise _bad(param, "must be a string like 'no-cache, no-store' or a list of such")
     for t in tokens:
         if t and t not in _CACHE_TOKENS:
-            raise _bad(param, f"unknown directive {t!r}; use no-cache and/or no-store")
+            raise _bad(param, f"unknown directive {_short(t)}; use no-cache and/or no-store")
     return router_pb2.CacheControl(no_cache="no-cache" in tokens, no_store="no-store" in tokens)
+
+
+def _float(value: object, param: str) -> float:
+    if not _is_number(value):
+        raise _bad(param, "must be a number")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an integer beyond a double
+        raise _bad(param, "must be a finite number") from None
+    return number
+
+
+def _stops(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = [("stop", value)]
+    elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOP:
+            raise _bad("stop", f"at most {MAX_STOP} stop sequences")
+        items = [(f"stop[{i}]", s) for i, s in enumerate(value)]
+    else:
+        raise _bad("stop", "must be a string or a list of strings")
+    v = Violations()
+    for param, text in items:
+        check_text(v, text, param, max_chars=MAX_STOP_CHARS)
+    _raise_first(v)
+    return [text for _, text in items if text]  # an empty one stops nothing: dropped
 
 
 def _params(data: dict[str, Any]) -> common_pb2.GenerationParams:
@@ -157,9 +373,7 @@ def _params(data: dict[str, Any]) -> common_pb2.GenerationParams:
     for name in ("temperature", "top_p"):
         value = data.get(name)
         if value is not None:
-            if not _is_number(value):
-                raise _bad(name, "must be a number")
-            setattr(p, name, value)
+            setattr(p, name, _float(value, name))
     max_completion = data.get("max_completion_tokens")
     limit_param = "max_completion_tokens" if max_completion is not None else "max_tokens"
     limit = max_completion if max_completion is not None else data.get("max_tokens")
@@ -167,16 +381,7 @@ def _params(data: dict[str, Any]) -> common_pb2.GenerationParams:
         if not _is_int(limit) or not 0 <= limit <= _UINT32_MAX:
             raise _bad(limit_param, "must be a non-negative integer")
         p.max_output_tokens = limit
-    stop = data.get("stop")
-    if isinstance(stop, str):
-        if stop:
-            p.stop.append(stop)
-    elif isinstance(stop, list):
-        if not all(isinstance(s, str) for s in stop):
-            raise _bad("stop", "must be a string or a list of strings")
-        p.stop.extend(s for s in stop if s)
-    elif stop is not None:
-        raise _bad("stop", "must be a string or a list of strings")
+    p.stop.extend(_stops(data.get("stop")))
     seed = data.get("seed")
     if seed is not None:
         if not _is_int(seed) or not 0 <= seed <= _UINT64_MAX:
@@ -185,14 +390,38 @@ def _params(data: dict[str, Any]) -> common_pb2.GenerationParams:
     return p
 
 
+def _fallbacks(value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad("fallback_models", "must be a list of model names")
+    if len(value) > MAX_FALLBACK_MODELS:
+        raise _bad("fallback_models", f"at most {MAX_FALLBACK_MODELS} fallbacks")
+    return [_name(f, f"fallback_models[{i}]", MAX_MODEL_NAME_CHARS, what="a model name", required=True)
+            for i, f in enumerate(value)]
+
+
+def _labels(value: object) -> dict[str, str]:
+    """OpenAI's ``metadata`` (string to string), copied to the usage ledger as the request's labels."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(x, str) for x in value.values()):
+        raise _bad("metadata", "must be an object of string values")
+    v = Violations()
+    check_labels(v, value, "metadata")
+    _raise_first(v)
+    return value
+
+
 def chat_request(body: bytes, *, cache_header: str | None = None) -> ChatCall:
-    """Parse and type-check a chat-completions body; ``InvalidArgument`` (one violation) when it is wrong."""
+    """Parse and check a chat-completions body; ``InvalidArgument`` (one violation) when it is wrong."""
     data = parse_json_object(body)
     model = data.get("model")
-    if not isinstance(model, str):
+    if model is None:
         raise _bad("model", "is required and must be a string")
+    _name(model, "model", MAX_MODEL_NAME_CHARS)  # empty: the router's "required", with its hint
     n = data.get("n")
-    if n is not None and n != 1:
+    if n is not None and not (_is_int(n) and n == 1):
         raise _bad("n", "only n=1 is supported")
     for unsupported in ("tools", "functions"):
         if data.get(unsupported):
@@ -209,19 +438,37 @@ def chat_request(body: bytes, *, cache_header: str | None = None) -> ChatCall:
             raise _bad("stream_options", "must be an object like {\"include_usage\": true}")
         include_usage = bool(options.get("include_usage", False))
     user = data.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad("user", "must be a string")
-    fallbacks = data.get("fallback_models")
-    if fallbacks is not None and not (isinstance(fallbacks, list) and all(isinstance(f, str) for f in fallbacks)):
-        raise _bad("fallback_models", "must be a list of model names")
+    if user is not None:
+        _name(user, "user", MAX_USER_CHARS)
     inp = router_pb2.GenerationInput(model=model, messages=_messages(data.get("messages")), params=_params(data),
-                                     user_id=user or "", fallback_models=fallbacks or ())
+                                     user_id=user or "", fallback_models=_fallbacks(data.get("fallback_models")),
+                                     labels=_labels(data.get("metadata")))
     cache = data.get(CACHE_FIELD)
     if cache is not None:
         inp.cache_control.CopyFrom(_cache_control(cache, CACHE_FIELD))
     elif cache_header is not None:
         inp.cache_control.CopyFrom(_cache_control(cache_header, CACHE_HEADER))
     return ChatCall(inp, stream, include_usage)
+
+
+def unsupported_media(content_type: str | None, content_encoding: str | None) -> ErrorReply | None:
+    """415 unless the body is plain JSON: ``application/json`` (charset utf-8 if one is named), or no
+    Content-Type at all (curl without -H); no Content-Encoding but ``identity``."""
+    if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
+        return error_body(415, "Content-Encoding is not supported; send the JSON body uncompressed",
+                          "invalid_request_error", code="unsupported_media_type")
+    if content_type is None:
+        return None
+    media, _, params = content_type.partition(";")
+    charset = ""
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if media.strip().lower() == "application/json" and charset in ("", "utf-8", "utf8"):
+        return None
+    return error_body(415, f"Content-Type {_short(content_type)} is not supported; send 'application/json' "
+                           "(UTF-8)", "invalid_request_error", code="unsupported_media_type")
 
 
 def request_timeout(header: str | None, *, default_s: float, max_s: float) -> float:
@@ -378,17 +625,22 @@ _CODE_OF: list[tuple[type[TollgateError], str]] = [
     (FailedPrecondition, "FAILED_PRECONDITION"), (QuotaExceeded, "RESOURCE_EXHAUSTED"),
     (Overloaded, "RESOURCE_EXHAUSTED"), (Unavailable, "UNAVAILABLE"), (DeadlineExceeded, "DEADLINE_EXCEEDED"),
 ]
-_PARAM_RENAMES = {"max_output_tokens": "max_tokens", "user_id": "user", "cache_control": CACHE_HEADER}
+_PARAM_RENAMES = {"max_output_tokens": "max_tokens", "user_id": "user", "cache_control": CACHE_HEADER,
+                  "labels": "metadata"}
+_LEADING_NAME = re.compile(r"([A-Za-z0-9_]*)(.*)", re.DOTALL)
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
 
 
 def openai_param(field_path: str) -> str:
-    """A router field path as the OpenAI parameter: ``input.params.max_output_tokens`` -> ``max_tokens``."""
+    """A router field path as the OpenAI parameter: ``input.params.max_output_tokens`` -> ``max_tokens``,
+    ``input.labels['k']`` -> ``metadata['k']``."""
     path = field_path.removeprefix("input.").removeprefix("params.")
-    head, sep, rest = path.partition(".")
-    if head == "cache_control":
+    match = _LEADING_NAME.match(path)
+    assert match is not None  # the pattern matches any string
+    name, rest = match.groups()
+    if name == "cache_control":
         return CACHE_HEADER
-    return _PARAM_RENAMES.get(head, head) + sep + rest
+    return _PARAM_RENAMES.get(name, name) + rest
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:
@@ -413,7 +665,7 @@ def error_reply(error: TollgateError, code: str | None = None) -> ErrorReply:
             params = [(openai_param(v.field), v.description) for v in error.violations]
             param = params[0][0]
             message = "; ".join(f"{p}: {d}" for p, d in params)
-        if error.violations:
+        if error.violations and error.reason != INVALID_JSON:
             reason = "invalid_value"
     elif status == 401:
         reason = "invalid_api_key"

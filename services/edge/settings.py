@@ -23,7 +23,8 @@ class EdgeSettings(BaseSettings):
     # Deadline of a call when the request sends no `x-request-timeout`, and the most one may ask for.
     default_timeout_s: float = Field(60.0, gt=0)
     max_timeout_s: float = Field(600.0, gt=0)
-    # Bodies larger than this are refused with 413 (the router's gRPC message limit is 16 MiB).
+    # Bodies larger than this are refused with 413 before they are read in full (the router's gRPC message
+    # limit is 16 MiB; 1,000,000 characters of content fit even as \uXXXX escape pairs).
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     # After SIGTERM: stop accepting, let in-flight requests finish for this long, then close.
     grace_period_s: int = Field(10, gt=0, le=300)

@@ -25,11 +25,14 @@ from libs.chat import (
 from libs.deadlines import Deadline
 from libs.errors import Violations
 from libs.grpc_server import ServiceBinding
+from libs.validation import check_token
 from services.inference.core import InferenceCore
 from services.inference.settings import InferenceSettings
 
 SERVICE_NAME = "tollgate.inference.v1.InferenceService"
+# The request id is forwarded to providers as the x-request-id header: ASCII only, bounded.
 MAX_REQUEST_ID_CHARS = 128
+MAX_MODEL_NAME_CHARS = 128
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -44,6 +47,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _check_model(self, model: str, violations: Violations) -> None:
         if not model:
             violations.add("model", "model is required")
+        elif len(model) > MAX_MODEL_NAME_CHARS:
+            violations.add("model", f"at most {MAX_MODEL_NAME_CHARS} characters")
         elif self._core.model(model) is None:
             served = ", ".join(m.name for m in self._core.models())
             violations.add("model", f"model {model[:100]!r} is not served by this instance (serves: {served})")
@@ -51,8 +56,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateResponse]:
         violations = Violations()
-        violations.check(len(request.request_id) <= MAX_REQUEST_ID_CHARS, "request_id",
-                         f"at most {MAX_REQUEST_ID_CHARS} characters")
+        check_token(violations, request.request_id, "request_id", max_chars=MAX_REQUEST_ID_CHARS)
         self._check_model(request.model, violations)
         validate_messages(request.messages, violations)
         validate_params(request.params, violations, max_output_tokens=self._settings.max_output_tokens)

@@ -17,6 +17,12 @@ from services.ratelimit.limits import Kind, Period, Scope, Subject, normalize_ip
 # Ids become Redis key segments and log fields: keep them bounded.
 MAX_ID_LEN = 256
 MAX_RESERVATION_ID_LEN = 128
+# The longest textual IPv6 address with a zone is 45+ characters; anything longer is not an address.
+MAX_CLIENT_IP_CHARS = 64
+# ReconcileSpend's window_time: from the epoch up to 2100-01-01 (the window's end must stay a date
+# Python can hold; reconciling a window a century ahead means nothing).
+MAX_WINDOW_TIME_S = 4_102_444_800
+_NANOS_PER_S = 1_000_000_000
 
 _SCOPES = {
     Scope.GLOBAL: common_pb2.LIMIT_SCOPE_GLOBAL,
@@ -52,7 +58,9 @@ def subject_from_proto(msg: ratelimit_pb2.Subject, v: Violations, path: str = "s
     _check_id(v, principal.team_id, f"{path}.principal.team_id", required=True)
     _check_id(v, principal.key_id, f"{path}.principal.key_id", required=True)
     client_ip = ""
-    if msg.client_ip:
+    if len(msg.client_ip) > MAX_CLIENT_IP_CHARS:
+        v.add(f"{path}.client_ip", f"must be at most {MAX_CLIENT_IP_CHARS} characters")
+    elif msg.client_ip:
         try:
             client_ip = normalize_ip(msg.client_ip)
         except ValueError:
@@ -104,8 +112,9 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         _check_id(v, request.request_id, "request_id", required=False)
         ttl_s: float | None = None
         if request.HasField("ttl"):
-            ttl_s = request.ttl.ToNanoseconds() / 1e9
-            v.check(0 <= ttl_s <= self._max_ttl_s, "ttl", f"must be between 0 and {self._max_ttl_s:g} seconds")
+            ttl_s = request.ttl.seconds + request.ttl.nanos / _NANOS_PER_S
+            v.check(0 <= request.ttl.nanos < _NANOS_PER_S and 0 <= ttl_s <= self._max_ttl_s, "ttl",
+                    f"must be between 0 and {self._max_ttl_s:g} seconds")
         v.raise_if_any()
         reservation = await self._limiter.reserve(
             subject, int(request.estimated_tokens), estimated_cost_nano_usd=request.estimated_cost_nano_usd,
@@ -157,15 +166,18 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         _check_id(v, request.scope_id, "scope_id", required=scope in (Scope.ORG, Scope.TEAM, Scope.KEY))
         period = _PERIODS.get(request.kind)
         v.check(period is not None, "kind", "must be LIMIT_KIND_BUDGET_DAILY_NANO_USD or _MONTHLY_NANO_USD")
-        v.check(request.HasField("window_time") and request.window_time.seconds >= 0, "window_time",
-                "is required (any instant inside the window, after 1970)")
+        # Checked by hand: Timestamp.ToNanoseconds() raises on nanos outside [0, 1e9) (that was INTERNAL).
+        wt = request.window_time
+        v.check(request.HasField("window_time") and 0 <= wt.seconds < MAX_WINDOW_TIME_S
+                and 0 <= wt.nanos < _NANOS_PER_S, "window_time",
+                "is required: any instant inside the window, from 1970 up to 2100 (nanos in [0, 1e9))")
         v.check(0 <= request.ledger_spent_nano_usd <= MAX_NANO_USD, "ledger_spent_nano_usd",
                 f"must be between 0 and {MAX_NANO_USD}")
         v.raise_if_any()
         assert scope is not None and period is not None
         result = await self._limiter.reconcile_spend(
             scope, request.scope_id if scope is not Scope.GLOBAL else "", period,
-            request.window_time.ToNanoseconds() / 1e9, request.ledger_spent_nano_usd,
+            wt.seconds + wt.nanos / _NANOS_PER_S, request.ledger_spent_nano_usd,
             deadline=self._deadline(context))
         return ratelimit_pb2.ReconcileSpendResponse(
             window_start=_timestamp(result.window_start), resets_at=_timestamp(result.resets_at),

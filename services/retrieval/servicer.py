@@ -10,6 +10,7 @@ from tollgate.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from libs.deadlines import Deadline
 from libs.errors import Violations
+from libs.validation import check_labels, check_name
 from services.retrieval.chunking import ChunkingOptions
 from services.retrieval.index import Document, DocumentIndex
 from services.retrieval.settings import RetrievalSettings
@@ -50,28 +51,24 @@ class _Violations(Violations):
 def _check_tenant(v: Violations, tenant_id: str, path: str = "tenant_id") -> None:
     if not tenant_id.strip():
         v.add(path, "is required")
-    elif len(tenant_id) > MAX_TENANT_ID_CHARS:
-        v.add(path, f"must be at most {MAX_TENANT_ID_CHARS} characters")
+    else:
+        check_name(v, tenant_id, path, max_chars=MAX_TENANT_ID_CHARS)
 
 
 def _check_document_id(v: Violations, document_id: str, path: str) -> None:
-    if not document_id:
-        v.add(path, "is required")
-    elif len(document_id) > MAX_DOCUMENT_ID_CHARS:
-        v.add(path, f"must be at most {MAX_DOCUMENT_ID_CHARS} characters")
+    check_name(v, document_id, path, max_chars=MAX_DOCUMENT_ID_CHARS, required=True)
+
+
+def _check_free_text(v: Violations, text: str, path: str) -> None:
+    # Documents and queries are free text (form feeds and other controls occur in real corpora);
+    # only NUL is refused, as everywhere in the mesh.
+    if "\x00" in text:
+        v.add(path, "must not contain NUL characters")
 
 
 def _check_metadata(v: Violations, metadata: Mapping[str, str], path: str) -> None:
-    if len(metadata) > MAX_METADATA_ENTRIES:
-        v.add(path, f"must have at most {MAX_METADATA_ENTRIES} entries")
-        return
-    for key, value in metadata.items():
-        if not key:
-            v.add(path, "keys must not be empty")
-        elif len(key) > MAX_METADATA_KEY_CHARS:
-            v.add(f"{path}[{key[:40]!r}]", f"key must be at most {MAX_METADATA_KEY_CHARS} characters")
-        elif len(value) > MAX_METADATA_VALUE_CHARS:
-            v.add(f"{path}[{key[:40]!r}]", f"value must be at most {MAX_METADATA_VALUE_CHARS} characters")
+    check_labels(v, metadata, path, max_labels=MAX_METADATA_ENTRIES, max_key_chars=MAX_METADATA_KEY_CHARS,
+                 max_value_chars=MAX_METADATA_VALUE_CHARS)
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
@@ -124,6 +121,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 v.add(f"{path}.text", "must not be empty")
             elif len(doc.text.encode("utf-8")) > self._settings.max_document_bytes:
                 v.add(f"{path}.text", f"must be at most {self._settings.max_document_bytes} bytes")
+            else:
+                _check_free_text(v, doc.text, f"{path}.text")
             _check_metadata(v, doc.metadata, f"{path}.metadata")
             documents.append(Document(document_id=doc.document_id, text=doc.text, metadata=dict(doc.metadata)))
         chunking = self._chunking(v, request.chunking, f"{prefix}chunking")
@@ -174,6 +173,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             v.add("query", "must not be empty")
         elif len(request.query) > self._settings.max_query_chars:
             v.add("query", f"must be at most {self._settings.max_query_chars} characters")
+        else:
+            _check_free_text(v, request.query, "query")
         if not 1 <= request.top_k <= self._settings.max_top_k:
             v.add("top_k", f"must be between 1 and {self._settings.max_top_k}")
         if request.mode not in _MODES:

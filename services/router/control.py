@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from libs.chat import Principal
-from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
+from libs.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Violations
 from services.router.db import acquire
 from services.router.keys import KEY_TIERS, KeyRecord, display_prefix, hash_key, new_key
 
@@ -168,11 +168,11 @@ class ControlPlane:
                          allowed_models: list[str], expires_at: datetime | None, tier: str = "pro") -> CreatedKey:
         _require(org_id, "org_id", team_id, "team_id", name, "name")
         if role not in ("admin", "member"):
-            raise InvalidArgument([], "role must be admin or member")
+            raise InvalidArgument([FieldViolation("role", "must be admin or member")])
         if tier not in KEY_TIERS:
-            raise InvalidArgument([], f"tier must be one of {', '.join(KEY_TIERS)}")
+            raise InvalidArgument([FieldViolation("tier", f"must be one of {', '.join(KEY_TIERS)}")])
         if expires_at is not None and expires_at <= datetime.now(UTC):
-            raise InvalidArgument([], "expires_at must be in the future")
+            raise InvalidArgument([FieldViolation("expires_at", "must be in the future")])
         secret = new_key()
         key_id = _new_id("key")
         async with acquire(self._pool) as conn, conn.transaction():
@@ -247,7 +247,7 @@ class ControlPlane:
     async def set_budget(self, actor: str, scope: str, scope_id: str, daily: int, monthly: int) -> None:
         _check_scope(scope, scope_id)
         if scope == "client_ip":
-            raise InvalidArgument([], "budgets apply to global, org, team or key")
+            raise InvalidArgument([FieldViolation("scope", "budgets apply to global, org, team or key")])
         async with acquire(self._pool) as conn, conn.transaction():
             before = await conn.fetchrow("SELECT daily_nano_usd, monthly_nano_usd FROM budgets "
                                          "WHERE scope = $1 AND scope_id = $2", scope, scope_id)
@@ -293,7 +293,7 @@ class ControlPlane:
         when = effective_from or now
         if when < now.replace(microsecond=0):
             # Back-dating would re-price requests already billed.
-            raise InvalidArgument([], "effective_from must not be in the past")
+            raise InvalidArgument([FieldViolation("effective_from", "must not be in the past")])
         async with acquire(self._pool) as conn, conn.transaction():
             if not await conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
                 raise NotFound(f"model {model} not registered")
@@ -327,7 +327,7 @@ class ControlPlane:
 
     async def usage_report(self, start: datetime, end: datetime, group_by: list[str]) -> list[UsageRow]:
         if end <= start:
-            raise InvalidArgument([], "end_time must be after start_time")
+            raise InvalidArgument([FieldViolation("end_time", "must be after start_time")])
         cols = [GROUP_COLUMNS[g] for g in group_by]
         select_groups = ", ".join(f"{c} AS g{i}" for i, c in enumerate(cols))
         group_clause = f"GROUP BY {', '.join(f'g{i}' for i in range(len(cols)))} ORDER BY 1" if cols else ""

@@ -38,17 +38,20 @@ import asyncpg
 
 from libs.chat import Principal
 from libs.errors import AlreadyExists, NotFound, Violations
+from libs.validation import check_name
+from services.router import limits
 from services.router.control import _audit
 from services.router.db import acquire
 from services.router.tasks import reload_forever
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-VARIANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
-MAX_VARIANTS = 10
-MAX_MODEL_NAME = 128
+# fullmatch, not match: "$" would also accept a trailing newline.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+VARIANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+MAX_VARIANTS = limits.MAX_VARIANTS
+MAX_MODEL_NAME = limits.MAX_MODEL_NAME_CHARS
 AUTO_MODEL = "auto"
 DEFAULT_ALPHA = 0.05
-MAX_REQUEST_ID = 128
+MAX_REQUEST_ID = limits.MAX_REQUEST_ID_CHARS
 
 # The metrics every non-control variant is compared on, and the test each uses.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -113,17 +116,16 @@ def assign(experiment: Experiment, user_id: str) -> Variant:
 def validate(name: str, model: str, variants: Sequence[Variant]) -> None:
     """Field violations of a new experiment (InvalidArgument)."""
     v = Violations()
-    v.check(bool(NAME_RE.match(name)), "name", "1-64 characters: lowercase letters, digits, '_', '.', '-'")
-    v.check(0 < len(model) <= MAX_MODEL_NAME, "model", f"required, at most {MAX_MODEL_NAME} characters")
+    v.check(bool(NAME_RE.fullmatch(name)), "name", "1-64 characters: lowercase letters, digits, '_', '.', '-'")
+    check_name(v, model, "model", max_chars=MAX_MODEL_NAME, required=True)
     v.check(2 <= len(variants) <= MAX_VARIANTS, "variants", f"between 2 and {MAX_VARIANTS} variants")
     seen: set[str] = set()
-    for i, var in enumerate(variants):
-        v.check(bool(VARIANT_NAME_RE.match(var.name)), f"variants[{i}].name",
+    for i, var in enumerate(variants[:MAX_VARIANTS + 1]):
+        v.check(bool(VARIANT_NAME_RE.fullmatch(var.name)), f"variants[{i}].name",
                 "1-32 characters: lowercase letters, digits, '_', '.', '-'")
         v.check(var.name not in seen, f"variants[{i}].name", "duplicate variant name")
         seen.add(var.name)
-        v.check(0 < len(var.model) <= MAX_MODEL_NAME, f"variants[{i}].model",
-                f"required, at most {MAX_MODEL_NAME} characters")
+        check_name(v, var.model, f"variants[{i}].model", max_chars=MAX_MODEL_NAME, required=True)
         v.check(math.isfinite(var.weight) and var.weight > 0, f"variants[{i}].weight", "must be a positive number")
     v.raise_if_any()
 

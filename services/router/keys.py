@@ -11,6 +11,12 @@ Revocation reaches every router two ways: positive cache entries live at most
 channel that every router's :class:`RevocationBus` listens to, which evicts it
 at once (and keeps rejecting it while PostgreSQL is down and the stale cache
 would otherwise still serve it).
+
+Unauthenticated callers cannot make a router grow or hammer PostgreSQL (issue 14): both key caches are
+bounded LRUs with a TTL, and a source (client IP) that caused ``failures_per_window`` failed lookups is
+refused (RESOURCE_EXHAUSTED with a retry-after) for tokens this router has not verified lately, before
+any query. Keys it verified keep working from that source, so a tenant behind the same NAT as an
+attacker is not locked out.
 """
 
 from __future__ import annotations
@@ -22,15 +28,17 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis.asyncio as redis
+from cachetools import TTLCache
 from redis.exceptions import RedisError
 
 from libs.chat import Principal
-from libs.errors import PermissionDenied, Unauthenticated, Unavailable
+from libs.errors import PermissionDenied, QuotaExceeded, QuotaViolation, Unauthenticated, Unavailable
 from services.router.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
@@ -86,39 +94,82 @@ class KeyLookup(Protocol):
     async def find_by_hash(self, key_hash: bytes) -> KeyRecord | None: ...
 
 
+class TooManyAuthFailures(QuotaExceeded):
+    """A source (client IP) failed authentication too often: refused before any database query."""
+
+    reason = "TOO_MANY_AUTH_FAILURES"
+
+
+@dataclass(frozen=True)
+class AuthLimits:
+    """Bounds on what unauthenticated callers can make a router remember or query.
+
+    Positive entries live ``stale_ttl_s`` (fresh for ``cache_ttl_s``, then only the fallback while
+    PostgreSQL is down); negative entries live ``cache_ttl_s``. Both caches are LRU: a flood of random
+    tokens evicts the oldest entries instead of growing the process.
+    """
+
+    cache_max_keys: int = 10_000
+    negative_cache_max_keys: int = 10_000
+    # Failed lookups (unknown, revoked or expired key) a source may cause per window before its unknown
+    # tokens are refused without a query; the sources tracked are an LRU of ``failure_max_sources``.
+    failures_per_window: int = 20
+    failure_window_s: float = 60.0
+    failure_max_sources: int = 10_000
+
+
 class Authenticator:
     """Bearer token -> KeyRecord. Fails closed: no valid key, no service."""
 
-    def __init__(self, lookup: KeyLookup, *, cache_ttl_s: float, stale_ttl_s: float = 300.0):
+    def __init__(self, lookup: KeyLookup, *, cache_ttl_s: float, stale_ttl_s: float = 300.0,
+                 limits: AuthLimits = AuthLimits(), clock: Callable[[], float] = time.monotonic):
         self._lookup = lookup
         self._ttl = cache_ttl_s
         # While PostgreSQL is down, keys seen recently keep working this long (DESIGN: auth from the key cache).
         self._stale_ttl = stale_ttl_s
-        self._cache: dict[bytes, tuple[float, KeyRecord | None]] = {}
+        self._limits = limits
+        self._clock = clock
+        # key hash -> (when read, record). Kept for the stale fallback; fresh while younger than cache_ttl_s.
+        self._known: TTLCache[bytes, tuple[float, KeyRecord]] = TTLCache(
+            limits.cache_max_keys, max(stale_ttl_s, cache_ttl_s), timer=clock)
+        # key hash -> when PostgreSQL said "no such key". Never used as a fallback, so it lives cache_ttl_s.
+        self._unknown: TTLCache[bytes, float] = TTLCache(limits.negative_cache_max_keys, cache_ttl_s, timer=clock)
+        # source -> [window start, failed lookups in the window]; the entry expires with its window.
+        self._failures: TTLCache[str, list[float]] = TTLCache(
+            limits.failure_max_sources, limits.failure_window_s, timer=clock)
         # key_id -> when the revocation was heard. Checked on every request, so a lookup that raced the
         # revoking transaction (and cached the old row) or the stale fallback cannot bring the key back.
-        self._revoked: dict[str, float] = {}
+        # After ``keep`` every cached row of the key has been re-read from PostgreSQL (which says revoked).
+        keep = stale_ttl_s + cache_ttl_s + 60.0
+        self._revoked: TTLCache[str, float] = TTLCache(100_000, keep, timer=clock)
+
+    @property
+    def cached_keys(self) -> int:
+        """Entries held in the key caches, positive and negative (tests and metrics)."""
+        return len(self._known) + len(self._unknown)
+
+    @property
+    def tracked_sources(self) -> int:
+        return len(self._failures)
 
     def forget(self, key_hash: bytes | None = None) -> None:
         if key_hash is None:
-            self._cache.clear()
+            self._known.clear()
+            self._unknown.clear()
         else:
-            self._cache.pop(key_hash, None)
+            self._known.pop(key_hash, None)
+            self._unknown.pop(key_hash, None)
 
     def revoked(self, key_id: str) -> None:
         """A key was revoked (heard on the revocation channel): reject it from now on, whatever is cached."""
-        now = time.monotonic()
-        self._revoked[key_id] = now
-        for key_hash, (cached_at, record) in list(self._cache.items()):
-            if record is not None and record.key_id == key_id:
+        self._revoked[key_id] = self._clock()
+        for key_hash, (cached_at, record) in list(self._known.items()):
+            if record.key_id == key_id:
                 # Kept as a revoked row rather than dropped, so the stale fallback (PostgreSQL down) says so too.
-                self._cache[key_hash] = (cached_at, dataclasses.replace(record, revoked=True))
-        # After this long every cached row of the key has been re-read from PostgreSQL (which says revoked).
-        keep = self._stale_ttl + self._ttl + 60.0
-        for stale_id in [k for k, at in self._revoked.items() if now - at > keep]:
-            del self._revoked[stale_id]
+                self._known[key_hash] = (cached_at, dataclasses.replace(record, revoked=True))
 
-    async def authenticate(self, authorization: str | None) -> KeyRecord:
+    async def authenticate(self, authorization: str | None, source: str = "") -> KeyRecord:
+        """``source`` is the caller's address (client IP): failed lookups are limited per source."""
         if not authorization:
             raise Unauthenticated("missing authorization metadata (expected 'Bearer tg-…')")
         scheme, _, token = authorization.partition(" ")
@@ -126,27 +177,62 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX):
             raise Unauthenticated("authorization must be 'Bearer tg-…'")
         key_hash = hash_key(token)
-        now = time.monotonic()
-        cached = self._cache.get(key_hash)
+        now = self._clock()
+        cached = self._known.get(key_hash)
         if cached is not None and now - cached[0] < self._ttl:
             record = cached[1]
+        elif key_hash in self._unknown:
+            raise Unauthenticated("unknown key")
         else:
+            if cached is None:
+                # A token this router has not seen verified lately: a guess, unless the source has few failures.
+                # (A known key whose fresh period ended is re-read even then: it is no guess.)
+                self._refuse_if_failing(source, now)
             try:
-                record = await self._lookup.find_by_hash(key_hash)
+                found = await self._lookup.find_by_hash(key_hash)
             except Unavailable:
-                if cached is not None and cached[1] is not None and now - cached[0] < self._stale_ttl:
+                if cached is not None:  # still within the stale period, or the cache would have dropped it
                     record = cached[1]
                 else:
                     raise Unavailable("cannot verify the key right now (control plane unavailable)") from None
             else:
-                self._cache[key_hash] = (now, record)
-        if record is None:
-            raise Unauthenticated("unknown key")
+                if found is None:
+                    self._unknown[key_hash] = now
+                    self._known.pop(key_hash, None)
+                    self._failed(source, now)
+                    raise Unauthenticated("unknown key")
+                record = found
+                self._known[key_hash] = (now, record)
+                if not self._valid(record):
+                    self._failed(source, now)
         if record.revoked or record.key_id in self._revoked:
             raise Unauthenticated("key revoked")
         if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
             raise Unauthenticated("key expired")
         return record
+
+    def _valid(self, record: KeyRecord) -> bool:
+        return not (record.revoked or record.key_id in self._revoked
+                    or (record.expires_at is not None and record.expires_at <= datetime.now(UTC)))
+
+    def _failed(self, source: str, now: float) -> None:
+        window = self._failures.get(source)
+        if window is None:
+            self._failures[source] = [now, 1.0]
+        else:
+            # Mutated in place: re-setting the entry would restart its TTL, so the window would never end.
+            window[1] += 1
+
+    def _refuse_if_failing(self, source: str, now: float) -> None:
+        window = self._failures.get(source)
+        if window is None or window[1] < self._limits.failures_per_window:
+            return
+        retry_after = max(0.001, window[0] + self._limits.failure_window_s - now)
+        raise TooManyAuthFailures(
+            f"too many failed authentications from this address; retry in {retry_after:.0f}s",
+            [QuotaViolation("client_ip", f"more than {self._limits.failures_per_window} failed authentications "
+                                         f"in {self._limits.failure_window_s:g}s")],
+            retry_after)
 
 
 def require_admin(record: KeyRecord) -> None:

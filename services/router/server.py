@@ -21,6 +21,7 @@ from services.router.bootstrap import apply_migrations
 from services.router.complexity import DEFAULT_MODEL_PATH, ComplexityModelError, ComplexityRouter
 from services.router.control import ControlPlane
 from services.router.db import create_pool
+from services.router.dead_letters import DeadLetterMonitor, DeadLetterStore
 from services.router.degradation import DegradationController, DegradationPolicy
 from services.router.downstreams import (
     GrpcCacheClient,
@@ -31,7 +32,8 @@ from services.router.downstreams import (
 from services.router.experiments import ExperimentBook, ExperimentStore
 from services.router.failover import RetryPolicy
 from services.router.gateway import AutoRouter, Gateway
-from services.router.keys import Authenticator, RevocationBus
+from services.router.keys import Authenticator, AuthLimits, RevocationBus
+from services.router.ledger_health import LedgerHealth
 from services.router.registry import Registry
 from services.router.servicer import AdminServicer, RouterServicer
 from services.router.settings import RouterSettings
@@ -53,7 +55,8 @@ def _auto_router(settings: RouterSettings) -> AutoRouter | None:
     return router
 
 
-async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Callable[[], Awaitable[None]]]:
+async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = None,
+                ) -> tuple[Sequence[ServiceBinding], Callable[[], Awaitable[None]]]:
     await apply_migrations(settings.database_url)
     pool = await create_pool(settings.database_url)
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -65,7 +68,12 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
     experiments = ExperimentStore(pool)
     experiment_book = ExperimentBook(experiments, settings.registry_refresh_s)
     await experiment_book.load()
-    auth = Authenticator(control, cache_ttl_s=settings.key_cache_ttl_s)
+    auth = Authenticator(control, cache_ttl_s=settings.key_cache_ttl_s, stale_ttl_s=settings.key_stale_ttl_s,
+                         limits=AuthLimits(cache_max_keys=settings.key_cache_max_entries,
+                                           negative_cache_max_keys=settings.key_negative_cache_max_entries,
+                                           failures_per_window=settings.auth_failure_limit,
+                                           failure_window_s=settings.auth_failure_window_s,
+                                           failure_max_sources=settings.auth_failure_max_sources))
 
     margin, side_cap = settings.hop_margin_s, settings.side_call_timeout_s
     cache_ds = Downstream("cache", settings.cache_target, breaker=Breaker("cache"), margin_s=margin, cap_s=side_cap)
@@ -110,12 +118,20 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
         writer = LedgerWriter(redis_client, pool, stream_key, consumer=f"{socket.gethostname()}-{os.getpid()}",
                               batch_size=settings.ledger_batch_size, linger_s=settings.ledger_linger_s)
         background.append(asyncio.create_task(writer.run_forever(), name="ledger-writer"))
+    # Rows the ledger refused are never silent: counted on the health service and in the log, listed and
+    # replayed over AdminService (`tollgate dead-letters`).
+    dead_letters = DeadLetterStore(redis_client, pool, stream_key)
+    monitor = DeadLetterMonitor(dead_letters, (ledger_health or LedgerHealth()).publish,
+                                every_s=settings.dead_letter_check_s)
+    background.append(asyncio.create_task(monitor.run_forever(), name="dead-letter-monitor"))
 
+    trusted_proxies = frozenset(p.strip() for p in settings.trusted_proxies.split(",") if p.strip())
     router = RouterServicer(gateway, auth, default_timeout_s=settings.default_timeout_s,
                             max_timeout_s=settings.max_timeout_s, experiments=experiments,
-                            trusted_proxies=frozenset(p.strip() for p in settings.trusted_proxies.split(",")
-                                                      if p.strip()))
-    admin = AdminServicer(control, auth, registry, experiments=experiments, experiment_book=experiment_book)
+                            trusted_proxies=trusted_proxies)
+    admin = AdminServicer(control, auth, registry, experiments=experiments, experiment_book=experiment_book,
+                          trusted_proxies=trusted_proxies)
+    admin.serve_dead_letters(dead_letters)
     bindings = [
         ServiceBinding("tollgate.router.v1.RouterService",
                        lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(router, s)),
@@ -143,7 +159,9 @@ async def build(settings: RouterSettings) -> tuple[Sequence[ServiceBinding], Cal
 
 
 async def serve(settings: RouterSettings) -> None:
-    await serve_until_stopped(settings, "router", lambda: build(settings))
+    ledger_health = LedgerHealth()
+    await serve_until_stopped(settings, "router", lambda: build(settings, ledger_health),
+                              on_started=ledger_health.attach)
 
 
 def main() -> None:

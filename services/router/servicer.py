@@ -22,11 +22,13 @@ from libs.chat import (
 from libs.clients import CLIENT_IP_METADATA
 from libs.deadlines import Deadline
 from libs.errors import Unavailable, Violations
+from libs.validation import check_labels, check_name, check_timestamp
+from services.router import limits as lim
 from services.router.control import ControlPlane
+from services.router.dead_letter_rpc import DeadLetterAdmin
 from services.router.experiments import (
     DEFAULT_ALPHA,
     DOWN,
-    MAX_REQUEST_ID,
     UP,
     Experiment,
     ExperimentBook,
@@ -73,10 +75,6 @@ _METRIC = {"latency_ms": admin_pb2.EXPERIMENT_METRIC_LATENCY, "cost_nano_usd": a
            "error_rate": admin_pb2.EXPERIMENT_METRIC_ERROR_RATE,
            "feedback_up_rate": admin_pb2.EXPERIMENT_METRIC_FEEDBACK_UP_RATE}
 
-MAX_LABELS = 32
-MAX_RETRIEVAL_TOP_K = 100
-MAX_CONTEXT_TOKENS = 32_768
-
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
@@ -106,6 +104,16 @@ def _client_ip(context: grpc.aio.ServicerContext, trusted_proxies: frozenset[str
     return peer
 
 
+def _when(v: Violations, msg: Any, field_name: str) -> datetime | None:
+    """An optional Timestamp field as an aware datetime; a value datetime/PostgreSQL cannot hold is a violation."""
+    if not msg.HasField(field_name):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(msg, field_name)
+    if not check_timestamp(v, ts.seconds, ts.nanos, field_name):
+        return None
+    return ts.ToDatetime(UTC)
+
+
 def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(dt)
@@ -125,22 +133,37 @@ def experiment_to_proto(e: Experiment) -> admin_pb2.ExperimentInfo:
         variants=[admin_pb2.ExperimentVariant(name=v.name, model=v.model, weight=v.weight) for v in e.variants])
 
 
-def _command(inp: router_pb2.GenerationInput, client_ip: str) -> GenerateCommand:
+def _check_input(inp: router_pb2.GenerationInput) -> None:
+    """Every field of a generation, before anything is reserved: whatever would reach the usage ledger must
+    be storable there (see services/router/limits.py)."""
     v = Violations()
-    v.check(bool(inp.model), "input.model", "required (a registered model name or 'auto')")
-    v.check(len(inp.fallback_models) <= 4, "input.fallback_models", "at most 4 fallbacks")
-    validate_messages(inp.messages, v, "input.messages")
-    validate_params(inp.params, v, "input.params")
-    v.check(len(inp.labels) <= MAX_LABELS, "input.labels", f"at most {MAX_LABELS} labels")
-    v.check(len(inp.user_id) <= 256, "input.user_id", "at most 256 characters")
-    v.check(len(inp.prompt_version) <= 128, "input.prompt_version", "at most 128 characters")
-    v.check(inp.cache_control.max_age_seconds <= 30 * 86400, "input.cache_control.max_age_seconds",
+    check_name(v, inp.model, "input.model", max_chars=lim.MAX_MODEL_NAME_CHARS, required=True)
+    if len(inp.fallback_models) > lim.MAX_FALLBACK_MODELS:
+        v.add("input.fallback_models", f"at most {lim.MAX_FALLBACK_MODELS} fallbacks")
+    else:
+        for i, name in enumerate(inp.fallback_models):
+            check_name(v, name, f"input.fallback_models[{i}]", max_chars=lim.MAX_MODEL_NAME_CHARS, required=True)
+    validate_messages(inp.messages, v, "input.messages", max_messages=lim.MAX_MESSAGES,
+                      max_chars=lim.MAX_MESSAGES_CHARS)
+    # Messages (NUL in content, names) and params (finite, ranges, stop sequences): the checks every
+    # service shares, in libs/chat.py.
+    validate_params(inp.params, v, "input.params", max_output_tokens=lim.MAX_OUTPUT_TOKENS)
+    check_labels(v, inp.labels, "input.labels", max_labels=lim.ROUTER_MAX_LABELS,
+                 max_key_chars=lim.ROUTER_MAX_LABEL_KEY_CHARS, max_value_chars=lim.ROUTER_MAX_LABEL_VALUE_CHARS)
+    check_name(v, inp.user_id, "input.user_id", max_chars=lim.MAX_USER_ID_CHARS)
+    check_name(v, inp.prompt_version, "input.prompt_version", max_chars=lim.MAX_PROMPT_VERSION_CHARS)
+    v.check(inp.cache_control.max_age_seconds <= lim.MAX_CACHE_AGE_S, "input.cache_control.max_age_seconds",
             "at most 30 days")
     v.check(inp.priority in _PRIORITY, "input.priority", "must be a Priority value")
-    v.check(inp.retrieval.top_k <= MAX_RETRIEVAL_TOP_K, "input.retrieval.top_k", f"at most {MAX_RETRIEVAL_TOP_K}")
-    v.check(inp.retrieval.max_context_tokens <= MAX_CONTEXT_TOKENS, "input.retrieval.max_context_tokens",
-            f"at most {MAX_CONTEXT_TOKENS}")
+    v.check(inp.retrieval.top_k <= lim.MAX_RETRIEVAL_TOP_K, "input.retrieval.top_k",
+            f"at most {lim.MAX_RETRIEVAL_TOP_K}")
+    v.check(inp.retrieval.max_context_tokens <= lim.MAX_CONTEXT_TOKENS, "input.retrieval.max_context_tokens",
+            f"at most {lim.MAX_CONTEXT_TOKENS}")
     v.raise_if_any()
+
+
+def _command(inp: router_pb2.GenerationInput, client_ip: str) -> GenerateCommand:
+    _check_input(inp)
     cc = inp.cache_control
     return GenerateCommand(
         model=inp.model, fallback_models=tuple(inp.fallback_models), messages=messages_from_proto(inp.messages),
@@ -178,10 +201,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._default_timeout = default_timeout_s
         self._max_timeout = max_timeout_s
 
+    async def _key(self, context: grpc.aio.ServicerContext) -> KeyRecord:
+        return await self._auth.authenticate(_authorization(context), _client_ip(context, self._trusted_proxies))
+
     async def _begin(self, inp: router_pb2.GenerationInput,
                      context: grpc.aio.ServicerContext) -> tuple[KeyRecord, GenerateCommand, Deadline]:
-        key = await self._auth.authenticate(_authorization(context))
-        cmd = _command(inp, _client_ip(context, self._trusted_proxies))
+        client_ip = _client_ip(context, self._trusted_proxies)
+        key = await self._auth.authenticate(_authorization(context), client_ip)
+        cmd = _command(inp, client_ip)
         deadline = Deadline.from_remaining(context.time_remaining(), default_s=self._default_timeout,
                                            max_s=self._max_timeout)
         return key, cmd, deadline
@@ -214,10 +241,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def SubmitFeedback(self, request: router_pb2.SubmitFeedbackRequest,
                              context: grpc.aio.ServicerContext) -> router_pb2.SubmitFeedbackResponse:
-        key = await self._auth.authenticate(_authorization(context))
+        key = await self._key(context)
         v = Violations()
-        v.check(0 < len(request.request_id) <= MAX_REQUEST_ID, "request_id",
-                f"required, at most {MAX_REQUEST_ID} characters")
+        check_name(v, request.request_id, "request_id", max_chars=lim.MAX_REQUEST_ID_CHARS, required=True)
         v.check(request.score in _FEEDBACK, "score", "must be FEEDBACK_SCORE_UP or FEEDBACK_SCORE_DOWN")
         v.raise_if_any()
         # Re-submitting replaces the score (last one wins); another org's request is NOT_FOUND.
@@ -227,7 +253,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def ListAvailableModels(self, request: router_pb2.ListAvailableModelsRequest,
                                   context: grpc.aio.ServicerContext) -> router_pb2.ListAvailableModelsResponse:
-        key = await self._auth.authenticate(_authorization(context))
+        key = await self._key(context)
         models = self._gateway.available_models(key)
         listed = [router_pb2.AvailableModel(name=AUTO_MODEL, provider="tollgate")] if models else []
         listed += [router_pb2.AvailableModel(name=m.name, provider=m.provider, context_window=m.context_window,
@@ -235,43 +261,76 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.ListAvailableModelsResponse(models=listed)
 
 
-class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+def _check_id(v: Violations, value: str, field_path: str, *, required: bool = False) -> None:
+    check_name(v, value, field_path, max_chars=lim.MAX_ID_CHARS, required=required)
+
+
+def _check_model_name(v: Violations, value: str, field_path: str, *, required: bool = False) -> None:
+    check_name(v, value, field_path, max_chars=lim.MAX_MODEL_NAME_CHARS, required=required)
+
+
+def _check_scope(v: Violations, scope: int, scope_id: str) -> None:
+    v.check(scope in _SCOPE, "scope", "must be a LimitScope value other than LIMIT_SCOPE_UNSPECIFIED")
+    _check_id(v, scope_id, "scope_id")
+
+
+class AdminServicer(DeadLetterAdmin, admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, control: ControlPlane, auth: Authenticator, registry: Registry, *,
-                 experiments: ExperimentStore | None = None, experiment_book: ExperimentBook | None = None):
+                 experiments: ExperimentStore | None = None, experiment_book: ExperimentBook | None = None,
+                 trusted_proxies: frozenset[str] = frozenset()):
         self._experiments, self._experiment_book = experiments, experiment_book
         self._control = control
         self._auth = auth
         self._registry = registry
+        self._trusted_proxies = trusted_proxies
 
     async def _admin(self, context: grpc.aio.ServicerContext) -> str:
-        key = await self._auth.authenticate(_authorization(context))
+        key = await self._auth.authenticate(_authorization(context), _client_ip(context, self._trusted_proxies))
         require_admin(key)
         return key.key_id
 
     async def CreateOrg(self, request: admin_pb2.CreateOrgRequest, context: Any) -> admin_pb2.CreateOrgResponse:
         actor = await self._admin(context)
+        v = Violations()
+        check_name(v, request.name, "name", max_chars=lim.MAX_DISPLAY_NAME_CHARS, required=True)
+        v.raise_if_any()
         return admin_pb2.CreateOrgResponse(org_id=await self._control.create_org(actor, request.name))
 
     async def CreateTeam(self, request: admin_pb2.CreateTeamRequest, context: Any) -> admin_pb2.CreateTeamResponse:
         actor = await self._admin(context)
+        v = Violations()
+        _check_id(v, request.org_id, "org_id", required=True)
+        check_name(v, request.name, "name", max_chars=lim.MAX_DISPLAY_NAME_CHARS, required=True)
+        v.raise_if_any()
         return admin_pb2.CreateTeamResponse(team_id=await self._control.create_team(actor, request.org_id,
                                                                                      request.name))
 
     async def CreateKey(self, request: admin_pb2.CreateKeyRequest, context: Any) -> admin_pb2.CreateKeyResponse:
         actor = await self._admin(context)
         v = Violations()
+        _check_id(v, request.org_id, "org_id", required=True)
+        _check_id(v, request.team_id, "team_id", required=True)
+        check_name(v, request.name, "name", max_chars=lim.MAX_DISPLAY_NAME_CHARS, required=True)
         v.check(request.role in _ROLE, "role", "must be KEY_ROLE_MEMBER or KEY_ROLE_ADMIN")
         v.check(request.tier in _KEY_TIER, "tier", "must be a KeyTier value")
+        if len(request.allowed_models) > lim.MAX_ALLOWED_MODELS:
+            v.add("allowed_models", f"at most {lim.MAX_ALLOWED_MODELS} models")
+        else:
+            for i, name in enumerate(request.allowed_models):
+                _check_model_name(v, name, f"allowed_models[{i}]", required=True)
+        expires_at = _when(v, request, "expires_at")
         v.raise_if_any()
         created = await self._control.create_key(
             actor, org_id=request.org_id, team_id=request.team_id, name=request.name, role=_ROLE[request.role],
-            allowed_models=list(request.allowed_models), tier=_KEY_TIER[request.tier],
-            expires_at=request.expires_at.ToDatetime(UTC) if request.HasField("expires_at") else None)
+            allowed_models=list(request.allowed_models), tier=_KEY_TIER[request.tier], expires_at=expires_at)
         return admin_pb2.CreateKeyResponse(key_id=created.key_id, key=created.secret, hash_algorithm=HASH_ALGORITHM,
                                            hash_rationale=HASH_RATIONALE)
 
     async def RevokeKey(self, request: admin_pb2.RevokeKeyRequest, context: Any) -> admin_pb2.RevokeKeyResponse:
         actor = await self._admin(context)
+        v = Violations()
+        _check_id(v, request.key_id, "key_id", required=True)
+        v.raise_if_any()
         await self._control.revoke_key(actor, request.key_id)
         # This router at once; the others through the revocation broadcast (or their 1 s cache TTL).
         self._auth.revoked(request.key_id)
@@ -279,6 +338,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: Any) -> admin_pb2.ListKeysResponse:
         await self._admin(context)
+        v = Violations()
+        _check_id(v, request.org_id, "org_id")
+        _check_id(v, request.team_id, "team_id")
+        v.raise_if_any()
         keys = await self._control.list_keys(request.org_id, request.team_id)
         return admin_pb2.ListKeysResponse(keys=[admin_pb2.KeyInfo(
             key_id=k.record.key_id,
@@ -292,7 +355,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def SetLimits(self, request: admin_pb2.SetLimitsRequest, context: Any) -> admin_pb2.SetLimitsResponse:
         actor = await self._admin(context)
-        await self._control.set_limits(actor, _SCOPE.get(request.scope, ""), request.scope_id,
+        v = Violations()
+        _check_scope(v, request.scope, request.scope_id)
+        for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day"):
+            v.check(getattr(request, name) <= lim.MAX_LIMIT_VALUE, name, f"at most {lim.MAX_LIMIT_VALUE}")
+        v.raise_if_any()
+        await self._control.set_limits(actor, _SCOPE[request.scope], request.scope_id,
                                        request.requests_per_minute, request.tokens_per_minute,
                                        request.tokens_per_day)
         return admin_pb2.SetLimitsResponse()
@@ -300,10 +368,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetBudget(self, request: admin_pb2.SetBudgetRequest, context: Any) -> admin_pb2.SetBudgetResponse:
         actor = await self._admin(context)
         v = Violations()
+        _check_scope(v, request.scope, request.scope_id)
         v.check(request.daily_nano_usd >= 0, "daily_nano_usd", "must not be negative")
         v.check(request.monthly_nano_usd >= 0, "monthly_nano_usd", "must not be negative")
         v.raise_if_any()
-        await self._control.set_budget(actor, _SCOPE.get(request.scope, ""), request.scope_id,
+        await self._control.set_budget(actor, _SCOPE[request.scope], request.scope_id,
                                        request.daily_nano_usd, request.monthly_nano_usd)
         return admin_pb2.SetBudgetResponse()
 
@@ -312,11 +381,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         actor = await self._admin(context)
         m = request.model
         v = Violations()
-        v.check(bool(m.name) and len(m.name) <= 128 and m.name != "auto", "model.name",
-                "required, at most 128 characters, not 'auto'")
-        v.check(bool(m.provider), "model.provider", "required")
-        v.check(bool(m.inference_target), "model.inference_target", "required (host:port)")
-        v.check(m.context_window > 0, "model.context_window", "must be positive")
+        _check_model_name(v, m.name, "model.name", required=True)
+        v.check(m.name != AUTO_MODEL, "model.name", "'auto' is reserved for the complexity router")
+        check_name(v, m.provider, "model.provider", max_chars=lim.MAX_PROVIDER_CHARS, required=True)
+        check_name(v, m.inference_target, "model.inference_target", max_chars=lim.MAX_TARGET_CHARS, required=True)
+        v.check(0 < m.context_window <= lim.MAX_CONTEXT_WINDOW, "model.context_window",
+                f"must be between 1 and {lim.MAX_CONTEXT_WINDOW}")
         v.check(m.cost_tier in _COST_TIER, "model.cost_tier", "must be COST_TIER_CHEAP or COST_TIER_STRONG")
         v.raise_if_any()
         await self._control.register_model(actor, name=m.name, provider=m.provider,
@@ -335,14 +405,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         actor = await self._admin(context)
         v = Violations()
         for name in ("input_nano_usd_per_mtok", "output_nano_usd_per_mtok", "cached_input_nano_usd_per_mtok"):
-            v.check(getattr(request, name) >= 0, name, "must not be negative")
-        v.check(bool(request.model), "model", "required")
+            v.check(0 <= getattr(request, name) <= lim.MAX_PRICE_NANO_USD_PER_MTOK, name,
+                    f"must be between 0 and {lim.MAX_PRICE_NANO_USD_PER_MTOK}")
+        _check_model_name(v, request.model, "model", required=True)
+        effective_from = _when(v, request, "effective_from")
         v.raise_if_any()
         version = await self._control.set_price(
             actor, model=request.model, input_per_mtok=request.input_nano_usd_per_mtok,
             output_per_mtok=request.output_nano_usd_per_mtok,
-            cached_input_per_mtok=request.cached_input_nano_usd_per_mtok,
-            effective_from=request.effective_from.ToDatetime(UTC) if request.HasField("effective_from") else None)
+            cached_input_per_mtok=request.cached_input_nano_usd_per_mtok, effective_from=effective_from)
         await self._registry.load()
         return admin_pb2.SetPriceResponse(price_version=version)
 
@@ -352,11 +423,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         v = Violations()
         v.check(request.HasField("start_time"), "start_time", "required")
         v.check(request.HasField("end_time"), "end_time", "required")
+        start, end = _when(v, request, "start_time"), _when(v, request, "end_time")
         v.check(all(g in _GROUP for g in request.group_by), "group_by", "unknown dimension")
+        v.check(len(request.group_by) <= len(_GROUP), "group_by", f"at most {len(_GROUP)} dimensions")
+        if start is not None and end is not None:
+            v.check(end > start, "end_time", "must be after start_time")
         v.raise_if_any()
-        rows = await self._control.usage_report(request.start_time.ToDatetime(UTC),
-                                                request.end_time.ToDatetime(UTC),
-                                                [_GROUP[g] for g in request.group_by])
+        assert start is not None and end is not None
+        rows = await self._control.usage_report(start, end, [_GROUP[g] for g in request.group_by])
         return admin_pb2.GetUsageReportResponse(rows=[admin_pb2.UsageReportRow(
             group_values=list(r.group_values), requests=r.requests, input_tokens=r.input_tokens,
             output_tokens=r.output_tokens, cached_input_tokens=r.cached_input_tokens, cost_nano_usd=r.cost_nano_usd,
@@ -366,7 +440,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListAuditEvents(self, request: admin_pb2.ListAuditEventsRequest,
                               context: Any) -> admin_pb2.ListAuditEventsResponse:
         await self._admin(context)
-        events = await self._control.audit_events(min(request.limit or 100, 1000), target=request.target,
+        v = Violations()
+        check_name(v, request.target, "target", max_chars=lim.MAX_AUDIT_TARGET_CHARS)
+        check_name(v, request.action, "action", max_chars=lim.MAX_AUDIT_ACTION_CHARS)
+        v.raise_if_any()
+        events = await self._control.audit_events(min(request.limit or 100, lim.MAX_AUDIT_EVENTS),
+                                                  target=request.target,
                                                   action=request.action)
         return admin_pb2.ListAuditEventsResponse(events=[admin_pb2.AuditEvent(
             id=e.id, actor_key_id=e.actor_key_id, action=e.action, target=e.target, before_json=e.before_json,
@@ -380,6 +459,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListTeams(self, request: admin_pb2.ListTeamsRequest, context: Any) -> admin_pb2.ListTeamsResponse:
         await self._admin(context)
+        v = Violations()
+        _check_id(v, request.org_id, "org_id")
+        v.raise_if_any()
         return admin_pb2.ListTeamsResponse(teams=[admin_pb2.TeamInfo(
             team_id=t.team_id, org_id=t.org_id, name=t.name, created_at=_ts(t.created_at))
             for t in await self._control.list_teams(request.org_id)])
@@ -389,6 +471,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         v = Violations()
         v.check(request.scope == common_pb2.LIMIT_SCOPE_UNSPECIFIED or request.scope in _SCOPE, "scope",
                 "unknown scope")
+        _check_id(v, request.scope_id, "scope_id")
         v.raise_if_any()
         limits, budgets = await self._control.list_limits(_SCOPE.get(request.scope, ""), request.scope_id)
         return admin_pb2.ListLimitsResponse(
@@ -402,6 +485,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListPrices(self, request: admin_pb2.ListPricesRequest, context: Any) -> admin_pb2.ListPricesResponse:
         await self._admin(context)
+        v = Violations()
+        _check_model_name(v, request.model, "model")
+        v.raise_if_any()
         return admin_pb2.ListPricesResponse(prices=[admin_pb2.PriceVersion(
             price_version=p.price_version, model=p.model, input_nano_usd_per_mtok=p.input_per_mtok,
             output_nano_usd_per_mtok=p.output_per_mtok, cached_input_nano_usd_per_mtok=p.cached_input_per_mtok,
@@ -411,6 +497,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CreateExperiment(self, request: admin_pb2.CreateExperimentRequest,
                                context: Any) -> admin_pb2.CreateExperimentResponse:
         actor = await self._admin(context)
+        # Validated by the domain (experiments.validate): names, models, weights, all violations at once.
         created = await _experiment_store(self._experiments).create(
             actor, request.name, request.model, [Variant(v.name, v.model, v.weight) for v in request.variants])
         if self._experiment_book is not None:  # this router at once; the others within their refresh period
@@ -421,7 +508,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                             context: Any) -> admin_pb2.EndExperimentResponse:
         actor = await self._admin(context)
         v = Violations()
-        v.check(bool(request.name), "name", "required")
+        check_name(v, request.name, "name", max_chars=lim.MAX_EXPERIMENT_NAME_CHARS, required=True)
         v.raise_if_any()
         ended = await _experiment_store(self._experiments).end(actor, request.name)
         if self._experiment_book is not None:
@@ -439,7 +526,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                   context: Any) -> admin_pb2.GetExperimentReportResponse:
         await self._admin(context)
         v = Violations()
-        v.check(bool(request.name), "name", "required")
+        check_name(v, request.name, "name", max_chars=lim.MAX_EXPERIMENT_NAME_CHARS, required=True)
         v.check(request.alpha == 0 or 0 < request.alpha < 1, "alpha", "must be between 0 and 1 (0: 0.05)")
         v.raise_if_any()
         report = await _experiment_store(self._experiments).report(request.name, request.alpha or DEFAULT_ALPHA)

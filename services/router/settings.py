@@ -33,6 +33,18 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     # Positive key lookups are cached this long. Revocations are also broadcast on Redis (immediate);
     # this bounds revocation latency when the broadcast is lost (Redis down).
     key_cache_ttl_s: float = Field(0.5, ge=0)
+    # Bounds of the key caches (LRU): verified keys (kept `key_stale_ttl_s` for the PostgreSQL-down fallback)
+    # and unknown keys (kept `key_cache_ttl_s`). A flood of random tokens evicts entries, never grows memory.
+    key_cache_max_entries: int = Field(10_000, gt=0)
+    key_negative_cache_max_entries: int = Field(10_000, gt=0)
+    key_stale_ttl_s: float = Field(300.0, ge=0)
+    # Failed key lookups (unknown, revoked, expired) one client IP may cause per window; past that, a token
+    # this router has not verified lately is refused without a database query: RESOURCE_EXHAUSTED
+    # (reason TOO_MANY_AUTH_FAILURES, RetryInfo = end of the window). At most `auth_failure_max_sources`
+    # addresses are tracked (LRU).
+    auth_failure_limit: int = Field(20, gt=0)
+    auth_failure_window_s: float = Field(60.0, gt=0)
+    auth_failure_max_sources: int = Field(10_000, gt=0)
     # Models, prices and the like are reloaded from PostgreSQL this often.
     registry_refresh_s: float = Field(2.0, gt=0)
 
@@ -77,3 +89,5 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     ledger_linger_s: float = Field(0.05, ge=0, le=5)
     # Run the ledger writer inside this process (one per deployment is enough; more are safe).
     run_ledger_writer: bool = True
+    # How often the dead-letter count is checked (health `tollgate.router.v1.Ledger`, log).
+    dead_letter_check_s: float = Field(10.0, gt=0)

@@ -6,19 +6,33 @@ Guarantees (DESIGN.md step 10):
   stream entries only after the insert committed, so a crash or restart between
   the two re-delivers, and the ledger still holds each request exactly once;
 - PostgreSQL down: entries stay pending in the stream and are written when it returns;
-- Redis down: events are appended to a local spool file and replayed into the stream later;
-- an entry that cannot be parsed is moved to ``<stream>:dead`` (kept, counted, logged by id),
-  never retried forever in front of the good ones.
+- Redis down: events are appended to a local spool file and replayed into the stream later, each
+  spooled line exactly once (see ``UsageRecorder``: rotation under a folder lock, progress markers);
+- values the ledger's column types cannot hold (token counts past ``integer``, amounts past ``bigint``,
+  NUL in text) are made storable and labelled (``guard_event``) rather than refused: a served request
+  is always billed;
+- an entry that cannot be parsed or that PostgreSQL still refuses is moved to ``<stream>:dead`` with
+  the reason (class, SQLSTATE, column; never values), in the same MULTI/EXEC as the acknowledgement,
+  never retried forever in front of the good ones and never silent: services/router/dead_letters.py
+  lists, counts (health) and replays them.
+
+Exactly once, by layer: spool -> stream, each spooled line is added once (a progress marker per file);
+record() -> stream is at least once (an XADD whose reply was lost is spooled too); stream -> ledger is
+exactly once per request id (``ON CONFLICT (request_id) DO NOTHING``), which also absorbs the former.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,18 +87,41 @@ class UsageEvent:
         return cls(**data)
 
 
+# What parsing a stream entry into a UsageEvent can raise (RecursionError: absurdly nested JSON).
+MALFORMED: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, RecursionError)
+_MALFORMED_OR_NOT_AN_OBJECT: tuple[type[BaseException], ...] = (*MALFORMED, AttributeError)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
 class UsageRecorder:
-    """Appends events to the stream; spools to a local file while Redis is unreachable."""
+    """Appends events to the stream; spools to a local file while Redis is unreachable.
+
+    The spool folder may be shared by several router processes (and recorders). Exactly-once into the
+    stream, whatever a replay races with:
+    - writers append to ``usage-spool-<pid>.jsonl`` while holding an exclusive ``flock`` on
+      ``spool.lock`` (one lock for the folder, so it also covers other processes and threads);
+    - a replay first renames every ``*.jsonl`` to a unique ``*.replaying`` name under that same lock, so
+      no writer can append to a file being replayed: the next write creates a fresh file;
+    - a ``*.replaying`` file is replayed by one replayer at a time (a non-blocking ``flock`` on the file
+      itself, released by the kernel if that process dies), in chunks: each chunk's XADDs and a progress
+      marker ``<stream>:spooled:<file name>`` (lines delivered so far) are one MULTI/EXEC, so a replay that
+      dies after XADD and before the unlink resumes after what it delivered, instead of adding it again;
+    - the file is removed only after every line is in the stream; then the marker.
+    If the marker itself is lost (Redis lost data, or it expired after ``MARKER_TTL_S``), the lines come
+    again and the ledger's request-id key still keeps one row each.
+    """
+
+    CHUNK = 500
+    MARKER_TTL_S = 7 * 24 * 3600
 
     def __init__(self, client: redis.Redis, stream_key: str, spool_dir: Path):
         self._redis = client
         self._stream = stream_key
         self._spool_dir = spool_dir
-        self._spool_lock = asyncio.Lock()
+        self._replay_lock = asyncio.Lock()  # one replay at a time in this recorder (the files lock the rest)
 
     @property
     def spool_path(self) -> Path:
@@ -95,31 +132,49 @@ class UsageRecorder:
         try:
             await self._redis.xadd(self._stream, {"e": payload})
         except (RedisError, OSError):
+            # An XADD whose reply was lost may have been applied: then the event is in the stream and in
+            # the spool, and the ledger's request-id key keeps it once.
             await self._spool(payload)
 
     async def _spool(self, payload: str) -> None:
-        async with self._spool_lock:
-            self._spool_dir.mkdir(parents=True, exist_ok=True)
-            # fsync: the event must survive the process dying before Redis returns.
-            await asyncio.to_thread(_append_line, self.spool_path, payload)
+        # fsync: the event must survive the process dying before Redis returns.
+        await asyncio.to_thread(_append_spooled, self._spool_dir, self.spool_path, payload)
         log.warning("redis unavailable: usage event spooled locally")
 
     async def replay_spool(self) -> int:
-        """Move spooled events (from any earlier process too) into the stream; returns how many."""
+        """Move spooled events (from any process, earlier or running) into the stream; returns how many."""
         moved = 0
-        async with self._spool_lock:
-            for path in sorted(self._spool_dir.glob("usage-spool-*.jsonl")):
-                lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-                if lines:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for line in lines:
-                        pipe.xadd(self._stream, {"e": line})
-                    await pipe.execute()
-                path.unlink()
-                moved += len(lines)
+        async with self._replay_lock:
+            if not self._spool_dir.exists():
+                return 0
+            await asyncio.to_thread(_rotate_spool_files, self._spool_dir)
+            for path in sorted(self._spool_dir.glob(f"usage-spool-*{_REPLAYING}")):
+                moved += await self._replay_file(path)
         if moved:
             log.info("replayed %d spooled usage events", moved)
         return moved
+
+    async def _replay_file(self, path: Path) -> int:
+        fd = await asyncio.to_thread(_claim, path)
+        if fd is None:
+            return 0  # another replayer has it, or it is already gone
+        try:
+            lines = await asyncio.to_thread(_read_lines, fd)
+            marker = f"{self._stream}:spooled:{path.name}"
+            done = int(await self._redis.get(marker) or 0)
+            for start in range(done, len(lines), self.CHUNK):
+                chunk = lines[start:start + self.CHUNK]
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    for line in chunk:
+                        pipe.xadd(self._stream, {"e": line})
+                    pipe.set(marker, start + len(chunk), ex=self.MARKER_TTL_S)
+                    await pipe.execute()
+            # Unlink while holding the file's lock: a replayer that opened it meanwhile finds it gone.
+            await asyncio.to_thread(path.unlink)
+            await self._redis.delete(marker)
+            return len(lines) - done
+        finally:
+            os.close(fd)
 
     async def replay_forever(self, every_s: float = 2.0) -> None:
         while True:
@@ -131,39 +186,201 @@ class UsageRecorder:
                 await self.replay_spool()
 
 
-def _append_line(path: Path, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+_REPLAYING = ".replaying"
+_LOCK_FILE = "spool.lock"
+
+
+@contextlib.contextmanager
+def _folder_lock(spool_dir: Path) -> Iterator[None]:
+    """Exclusive across processes and threads (each call opens its own file description)."""
+    fd = os.open(spool_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _append_spooled(spool_dir: Path, path: Path, line: str) -> None:
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(spool_dir), open(path, "a+b") as f:
+        data = (line + "\n").encode("utf-8")
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # an earlier write was cut short (disk full): keep this line whole
+                data = b"\n" + data
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-_INSERT = """
+def _rotate_spool_files(spool_dir: Path) -> None:
+    """Rename every file writers append to; the next write starts a new one."""
+    with _folder_lock(spool_dir):
+        for path in spool_dir.glob("usage-spool-*.jsonl"):
+            path.rename(path.with_name(f"{path.stem}-{uuid.uuid4().hex}{_REPLAYING}"))
+    _fsync_dir(spool_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _claim(path: Path) -> int | None:
+    """An open descriptor holding the file's exclusive lock, or None if another replayer holds it or it is
+    gone (replayed and removed since it was listed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise FileNotFoundError(path)
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read_lines(fd: int) -> list[str]:
+    with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as f:
+        return [ln for ln in f.read().splitlines() if ln.strip()]
+
+
+INSERT_LEDGER_ROW = """
 INSERT INTO usage_ledger (request_id, started_at, finished_at, org_id, team_id, key_id, model, provider,
     input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, saved_nano_usd, price_version,
     cache_tier, status, error_reason, latency_ms, degraded, variant, labels)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
 ON CONFLICT (request_id) DO NOTHING
 """
+# In the order of INSERT_LEDGER_ROW's parameters: names a refused argument ($N) in a dead letter's reason.
+COLUMNS = ("request_id", "started_at", "finished_at", "org_id", "team_id", "key_id", "model", "provider",
+           "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "saved_nano_usd",
+           "price_version", "cache_tier", "status", "error_reason", "latency_ms", "degraded", "variant", "labels")
 
 
-def _row(e: UsageEvent) -> tuple[Any, ...]:
+def ledger_row(e: UsageEvent) -> tuple[Any, ...]:
     return (e.request_id, e.started_at, e.finished_at, e.org_id, e.team_id, e.key_id, e.model, e.provider,
             e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cost_nano_usd, e.saved_nano_usd,
             e.price_version, e.cache_tier, e.status, e.error_reason, e.latency_ms, e.degraded, e.variant,
             json.dumps(e.labels))
 
 
+# --- what the ledger's column types could refuse ----------------------------------------------------
+# The router validates requests (libs/validation.py) so none of this should happen; the writer still must
+# not lose a served request's bill over a value PostgreSQL cannot store. A value is made storable, the
+# row keeps its cost, and the label `ledger_guard` names the fields that were changed (logged by id).
+INT4 = (-(2**31), 2**31 - 1)
+INT8 = (-(2**63), 2**63 - 1)
+_INT4_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "latency_ms")  # integer columns
+_INT8_FIELDS = ("cost_nano_usd", "saved_nano_usd", "price_version")  # bigint columns
+_TEXT_FIELDS = ("org_id", "team_id", "key_id", "model", "provider", "cache_tier", "status", "error_reason",
+                "variant")
+GUARD_LABEL = "ledger_guard"
+
+
+def _storable_text(value: str) -> str:
+    # text and jsonb refuse NUL (and a lone surrogate cannot be encoded as UTF-8 at all).
+    cleaned = value.replace("\x00", "\ufffd")
+    try:
+        cleaned.encode("utf-8")
+    except UnicodeEncodeError:
+        cleaned = cleaned.encode("utf-8", "replace").decode("utf-8")
+    return cleaned
+
+
+def _clamp(value: int, bounds: tuple[int, int]) -> int:
+    return min(max(value, bounds[0]), bounds[1])
+
+
+def guard_event(e: UsageEvent) -> tuple[UsageEvent, list[str]]:
+    """The event with every value storable in ``usage_ledger``, and the names of the fields that changed.
+
+    Not changed: the request id (it is the row's identity: an id PostgreSQL refuses stays refused, visible in
+    the dead-letter stream) and values of the wrong type (only a hand-edited event can have them)."""
+    changes: dict[str, Any] = {}
+    for name in _INT4_FIELDS + _INT8_FIELDS:
+        value = getattr(e, name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            clamped = _clamp(value, INT4 if name in _INT4_FIELDS else INT8)
+            if clamped != value:
+                changes[name] = clamped
+    for name in _TEXT_FIELDS:
+        value = getattr(e, name)
+        if isinstance(value, str) and _storable_text(value) != value:
+            changes[name] = _storable_text(value)
+    for name in ("started_at", "finished_at"):
+        value = getattr(e, name)
+        if isinstance(value, datetime) and value.tzinfo is None:  # timestamptz: a naive time is taken as UTC
+            changes[name] = value.replace(tzinfo=UTC)
+    if isinstance(e.labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in e.labels.items()):
+        labels = {_storable_text(k): _storable_text(v) for k, v in e.labels.items()}
+        if labels != e.labels:
+            changes["labels"] = labels
+    if not changes:
+        return e, []
+    fields = sorted(changes)
+    changes["labels"] = {**changes.get("labels", e.labels), GUARD_LABEL: ",".join(fields)}
+    return replace(e, **changes), fields
+
+
+# --- why a row was refused, without its values -------------------------------------------------------
+_ARGUMENT = re.compile(r"^invalid input for query argument \$(\d+): .* \(([^()]*)\)\s*$", re.DOTALL)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The error class, SQLSTATE, column and message of a refused row, with every quoted value elided:
+    dead letters and logs say why, never what (a label value could be anything)."""
+    name = type(exc).__name__
+    state = getattr(exc, "sqlstate", None) or ""
+    text = str(exc).split("\n", 1)[0]
+    column = getattr(exc, "column_name", None) or ""
+    match = _ARGUMENT.match(str(exc))
+    if match:  # refused by asyncpg's encoder before it reached the server: "$N: <value> (<why>)"
+        index = int(match.group(1)) - 1
+        column = COLUMNS[index] if 0 <= index < len(COLUMNS) else column
+        text = match.group(2)
+    text = _QUOTED.sub("'…'", text)[:300]
+    where = f" column {column}" if column else ""
+    return f"{name}{f' [{state}]' if state else ''}{where}: {text}"
+
+
+def malformed_reason(exc: BaseException) -> str:
+    """Why an entry is not a usage event (never the offending text itself)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed: not JSON ({exc.msg} at position {exc.pos})"
+    if isinstance(exc, TypeError | KeyError):  # fields missing or unknown: the message names fields only
+        return f"malformed: {type(exc).__name__}: {str(exc)[:300]}"
+    return f"malformed: {type(exc).__name__}"
+
+
+def dead_letter_fields(raw: str | bytes, source_id: str | bytes, reason: str) -> dict[Any, Any]:
+    """A dead-letter stream entry: the event as it was, where it came from, why, and when."""
+    return {"e": raw, "id": source_id, "request_id": _request_id_of(raw),
+            "reason": reason.encode("utf-8", "replace").decode("utf-8"), "at": utcnow().isoformat()}
+
+
 _RETRYABLE: tuple[type[BaseException], ...] = (RedisError, *CONNECTION_ERRORS)
-# What a single row can cause (as opposed to the database being away): not worth retrying.
-_BAD_ROW: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# What a single row can cause (as opposed to the database being away): not worth retrying. Too large a
+# value (an index row past the btree limit) is a row's fault too.
+BAD_ROW: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+                                            asyncpg.ProgramLimitExceededError)
 
 
 def _request_id_of(raw: str | bytes) -> str:
     try:
-        return str(json.loads(raw).get("request_id", ""))
-    except (ValueError, AttributeError):
+        rid = str(json.loads(raw).get("request_id", ""))
+    except _MALFORMED_OR_NOT_AN_OBJECT:
         return ""
+    # A forged "\\ud800" would make the dead-letter XADD itself fail (and block the stream behind it).
+    return rid.encode("utf-8", "replace").decode("utf-8")
 
 
 class LedgerWriter:
@@ -203,55 +420,60 @@ class LedgerWriter:
         if not entries:
             return 0
         ids = [entry_id for entry_id, _ in entries]
-        events = []
-        poison: list[tuple[Any, Any]] = []
+        events: list[tuple[Any, Any, UsageEvent]] = []
+        poison: list[tuple[Any, Any, str]] = []  # (entry id, raw event, reason)
         for entry_id, fields in entries:
             raw = fields.get(b"e") or fields.get("e")
             if raw is None:
-                continue  # deleted after delivery: nothing to write, only to acknowledge
+                if fields:  # an entry without an event is not silently acknowledged: it goes to the dead letters
+                    log.error("usage entry %r has no event field; moved to the dead-letter stream", entry_id)
+                    poison.append((entry_id, b"", "malformed: no 'e' field"))
+                continue  # no fields: deleted after delivery, nothing to write, only to acknowledge
             try:
-                events.append(UsageEvent.from_json(raw))
-            except (ValueError, TypeError, KeyError) as exc:
+                event = UsageEvent.from_json(raw)
+            except MALFORMED as exc:
                 log.error("usage entry %r is malformed (%s); moved to the dead-letter stream", entry_id,
                           type(exc).__name__)
-                poison.append((entry_id, raw))
+                poison.append((entry_id, raw, malformed_reason(exc)))
+                continue
+            guarded, changed = guard_event(event)
+            if changed:
+                log.warning("request %s: %s made storable for the ledger (label %s)", event.request_id,
+                            ", ".join(changed), GUARD_LABEL)
+            events.append((entry_id, raw, guarded))
         if events:
             try:
                 async with self._pool.acquire(timeout=5) as conn, conn.transaction():
-                    await conn.executemany(_INSERT, [_row(e) for e in events])
-            except _BAD_ROW:
+                    await conn.executemany(INSERT_LEDGER_ROW, [ledger_row(e) for _, _, e in events])
+            except BAD_ROW:
                 # One row PostgreSQL refuses (say, a value out of range) must not block the whole stream:
                 # write them one by one and set the refused ones aside.
-                poison += await self._insert_one_by_one(entries, events)
+                poison += await self._insert_one_by_one(events)
             self.written += len(events)
-        for entry_id, raw in poison:
-            await self._redis.xadd(self._dead, {"e": raw, "id": entry_id})
-        # Acknowledge only after the rows are committed.
-        # Acknowledge and trim in one MULTI/EXEC: a writer killed between the two would otherwise leave
-        # acknowledged entries in the stream for good.
+        # Acknowledge only after the rows are committed. Dead letters, acknowledgement and trim in one
+        # MULTI/EXEC: a writer killed in between would otherwise leave acknowledged entries in the stream for
+        # good, or add a refused entry to the dead letters twice.
         async with self._redis.pipeline(transaction=True) as pipe:
+            for entry_id, raw, reason in poison:
+                pipe.xadd(self._dead, dead_letter_fields(raw, entry_id, reason))
             pipe.xack(self._stream, GROUP, *ids)
             pipe.xdel(self._stream, *ids)
             await pipe.execute()
+        if poison:
+            log.error("%d usage entries moved to %s (tollgate dead-letters list)", len(poison), self._dead)
         return len(events)
 
-    async def _insert_one_by_one(self, entries: list[tuple[Any, dict[Any, Any]]],
-                                 events: list[UsageEvent]) -> list[tuple[Any, Any]]:
-        by_request: dict[str, tuple[Any, Any]] = {}
-        for entry_id, fields in entries:
-            raw = fields.get(b"e") or fields.get("e")
-            if raw is not None:
-                by_request.setdefault(_request_id_of(raw), (entry_id, raw))
-        refused: list[tuple[Any, Any]] = []
+    async def _insert_one_by_one(self, events: list[tuple[Any, Any, UsageEvent]]) -> list[tuple[Any, Any, str]]:
+        refused: list[tuple[Any, Any, str]] = []
         async with self._pool.acquire(timeout=5) as conn:
-            for event in events:
+            for entry_id, raw, event in events:
                 try:
-                    await conn.execute(_INSERT, *_row(event))
-                except _BAD_ROW as exc:
+                    await conn.execute(INSERT_LEDGER_ROW, *ledger_row(event))
+                except BAD_ROW as exc:
+                    reason = refusal_reason(exc)
                     log.error("ledger refused request %s (%s); moved to the dead-letter stream", event.request_id,
-                              type(exc).__name__)
-                    if event.request_id in by_request:
-                        refused.append(by_request[event.request_id])
+                              reason)
+                    refused.append((entry_id, raw, reason))
         return refused
 
     async def _read(self, start: str, block_ms: int | None) -> list[tuple[Any, dict[Any, Any]]]:

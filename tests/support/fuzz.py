@@ -11,16 +11,22 @@ inputs every run; ``make fuzz`` sets ``TOLLGATE_FUZZ_RANDOM=1`` to explore new o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+import re
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
+from grpc._cython import cygrpc  # ExecuteBatchError: a half-close that lost the race
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.strategies import SearchStrategy
 
 from libs.grpc_errors import status_proto_from_rpc
 
@@ -66,8 +72,10 @@ def unary_stream_method(channel: grpc.aio.Channel, service: ServiceDescriptor, m
                                 response_deserializer=response_cls.FromString)
 
 
-def check_rpc_error(err: grpc.aio.AioRpcError, where: str) -> grpc.StatusCode:
-    """Assert a failed call's status is typed; an INVALID_ARGUMENT must name the offending field."""
+def check_rpc_error(err: grpc.aio.AioRpcError, where: str, *, input_type: Descriptor | None = None
+                    ) -> grpc.StatusCode:
+    """Assert a failed call's status is typed; an INVALID_ARGUMENT must name the offending field (with
+    ``input_type``, a path that starts with one of that request message's fields)."""
     code = err.code()
     assert code not in FORBIDDEN_CODES, f"{where}: {code.name}: {err.details()}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -81,20 +89,25 @@ def check_rpc_error(err: grpc.aio.AioRpcError, where: str) -> grpc.StatusCode:
                 violations.extend(bad.field_violations)
         assert violations, f"{where}: INVALID_ARGUMENT without a BadRequest field violation: {err.details()}"
         assert all(v.field for v in violations), f"{where}: a field violation names no field: {violations}"
+        if input_type is not None:
+            unknown = [v.field for v in violations if re.split(r"[.\[]", v.field)[0] not in input_type.fields_by_name]
+            assert not unknown, f"{where}: field violations name no field of {input_type.full_name}: {unknown}"
     return code
 
 
 async def call_unary(method: Callable[..., Awaitable[Message]], request: Message, where: str, *,
-                     metadata: Sequence[tuple[str, str]] = (), timeout_s: float = 10.0) -> grpc.StatusCode:
+                     metadata: Sequence[tuple[str, str]] = (), timeout_s: float = 10.0,
+                     input_type: Descriptor | None = None) -> grpc.StatusCode:
     try:
         await method(request, metadata=tuple(metadata), timeout=timeout_s)
     except grpc.aio.AioRpcError as err:
-        return check_rpc_error(err, where)
+        return check_rpc_error(err, where, input_type=input_type)
     return grpc.StatusCode.OK
 
 
 async def call_stream(method: Any, request: Message, where: str, *, metadata: Sequence[tuple[str, str]] = (),
-                      timeout_s: float = 10.0, max_messages: int = 4) -> grpc.StatusCode:
+                      timeout_s: float = 10.0, max_messages: int = 4,
+                      input_type: Descriptor | None = None) -> grpc.StatusCode:
     """Read at most ``max_messages`` of a server stream, then cancel it (cancellation is part of the test)."""
     call = method(request, metadata=tuple(metadata), timeout=timeout_s)
     try:
@@ -105,7 +118,7 @@ async def call_stream(method: Any, request: Message, where: str, *, metadata: Se
                 call.cancel()
                 break
     except grpc.aio.AioRpcError as err:
-        return check_rpc_error(err, where)
+        return check_rpc_error(err, where, input_type=input_type)
     return grpc.StatusCode.OK
 
 
@@ -114,3 +127,146 @@ async def assert_serving(channel: grpc.aio.Channel, service: str = "") -> None:
     reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                             timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING, f"health of {service!r}: {reply.status}"
+
+
+def stream_unary_method(channel: grpc.aio.Channel, service: ServiceDescriptor, method_name: str) -> Any:
+    """A stream-unary (client-streaming) callable for ``service.method_name``, typed from the descriptor."""
+    method = service.methods_by_name[method_name]
+    from google.protobuf import message_factory
+
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    return channel.stream_unary(f"/{service.full_name}/{method.name}",
+                                request_serializer=lambda m: m.SerializeToString(),
+                                response_deserializer=response_cls.FromString)
+
+
+async def call_client_stream(method: Any, requests: Sequence[Message], where: str, *,
+                             metadata: Sequence[tuple[str, str]] = (), timeout_s: float = 10.0,
+                             cancel_after: int | None = None, input_type: Descriptor | None = None
+                             ) -> grpc.StatusCode:
+    """Send ``requests`` as one client stream; with ``cancel_after``, cancel the call after that many
+    messages instead of half-closing (a client that goes away mid-upload is part of the test)."""
+    call = method(metadata=tuple(metadata), timeout=timeout_s)
+    try:
+        for i, request in enumerate(requests):
+            if cancel_after is not None and i >= cancel_after:
+                call.cancel()
+                return grpc.StatusCode.CANCELLED
+            await call.write(request)
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError, cygrpc.BaseError):
+        # The server answered before reading everything (it rejected an earlier message), so a write or
+        # the half-close failed on the client's side (grpc raises AioRpcError INTERNAL, InvalidStateError,
+        # or its core's ExecuteBatchError, depending on the timing); the call's status is the server's
+        # answer.
+        pass
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        if _lost_write_race(err):
+            # grpc replaced the server's status with its own INTERNAL because a write raced the server's
+            # early answer; what the server answered is unknown here, so ServerErrorLog is the check.
+            return grpc.StatusCode.CANCELLED
+        return check_rpc_error(err, where, input_type=input_type)
+    return grpc.StatusCode.OK
+
+
+def _lost_write_race(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or "")
+
+
+class ServerErrorLog(logging.Handler):
+    """Collects what ``ErrorMappingInterceptor`` logs for an unhandled exception in an in-process server.
+
+    A second oracle next to the status codes: it sees a server bug even when the client never gets the
+    server's status (a cancelled stream, a client-stream write that raced the server's early answer).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(self.format(record))
+
+    def check(self, where: str) -> None:
+        found, self.messages = self.messages, []
+        assert not found, f"{where}: the server logged an unhandled error:\n" + "\n".join(m[-3000:] for m in found)
+
+
+@contextlib.contextmanager
+def server_error_log() -> Iterator[ServerErrorLog]:
+    """Attach a :class:`ServerErrorLog` to the error-mapping interceptor's logger while the block runs."""
+    handler = ServerErrorLog()
+    logger = logging.getLogger("libs.grpc_errors")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def merged(base: Message, overlay: Message) -> Message:
+    """``base`` with ``overlay``'s set fields merged in: a valid request with a few hostile fields, so the
+    fuzzer gets past the first required field and reaches the later checks and the domain code."""
+    out = type(base)()
+    out.CopyFrom(base)
+    out.MergeFrom(overlay)
+    return out
+
+
+def request_strategy(method: MethodDescriptor, bases: Sequence[Message] = ()) -> SearchStrategy[Any]:
+    """Requests for ``method``: anything its input type can hold, and (given ``bases``, valid requests)
+    a valid request with hostile fields merged in, or with one field at any depth changed (mostly still
+    valid, so the domain code behind validation is fuzzed too). A client-streaming method gets a list."""
+    from hypothesis import strategies as st
+
+    from tests.support.proto_strategies import message_strategy, one_field_mutated
+
+    anything = message_strategy(method.input_type)
+    one = anything if not bases else st.one_of(
+        anything, st.builds(merged, st.sampled_from(list(bases)), anything),
+        *[st.sampled_from(list(bases)).flatmap(one_field_mutated)] * 2)
+    return st.lists(one, max_size=4) if method.client_streaming else one
+
+
+async def call_method(channel: grpc.aio.Channel, service: ServiceDescriptor, method_name: str, request: Any,
+                      where: str, *, metadata: Sequence[tuple[str, str]] = (), timeout_s: float = 10.0,
+                      cancel_after: int | None = None) -> grpc.StatusCode:
+    """Call any unary or streaming method with a request from :func:`request_strategy`."""
+    method = service.methods_by_name[method_name]
+    if method.client_streaming and method.server_streaming:
+        raise NotImplementedError(f"{where}: bidirectional streaming has no fuzz caller yet")
+    if method.client_streaming:
+        return await call_client_stream(stream_unary_method(channel, service, method_name), request, where,
+                                        metadata=metadata, timeout_s=timeout_s, cancel_after=cancel_after,
+                                        input_type=method.input_type)
+    if method.server_streaming:
+        return await call_stream(unary_stream_method(channel, service, method_name), request, where,
+                                 metadata=metadata, timeout_s=timeout_s, input_type=method.input_type)
+    return await call_unary(unary_method(channel, service, method_name), request, where, metadata=metadata,
+                            timeout_s=timeout_s, input_type=method.input_type)
+
+
+async def fuzz_example(channel: grpc.aio.Channel, service: ServiceDescriptor, method_name: str,
+                       bases: Sequence[Message], data: Any, server_errors: ServerErrorLog, *,
+                       health: Sequence[str] = (), cancel_one_stream_in: int = 0) -> grpc.StatusCode:
+    """One fuzz example against a running server: draw a request for ``method_name`` (random, or a valid
+    ``bases`` request with hostile fields), call it, and assert a typed status, no unhandled server error
+    and SERVING health for the service and every name in ``health``. Client streams are cancelled after
+    their first message once in ``cancel_one_stream_in`` examples (0: never)."""
+    from hypothesis import event
+    from hypothesis import strategies as st
+
+    method = service.methods_by_name[method_name]
+    where = f"{service.name}.{method_name}"
+    request = data.draw(request_strategy(method, bases), "request")
+    cancel_after = None
+    if method.client_streaming and cancel_one_stream_in:
+        cancel_after = 1 if data.draw(st.integers(0, cancel_one_stream_in - 1), "cancel") == 0 else None
+    code = await call_method(channel, service, method_name, request, where, cancel_after=cancel_after)
+    event(code.name)
+    server_errors.check(where)
+    for name in (service.full_name, *health):
+        await assert_serving(channel, name)
+    return code

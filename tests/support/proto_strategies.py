@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from google.protobuf import message_factory
@@ -24,6 +25,8 @@ from hypothesis import strategies as st
 
 MAX_DEPTH = 4
 MAX_REPEATED = 6
+# An oversized repeated field (300 entries) repeats one value only when the copies stay under this.
+MAX_OVERSIZED_REPEATED_BYTES = 2 * 1024 * 1024
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
@@ -53,6 +56,9 @@ def _floats(width: int) -> st.SearchStrategy[float]:
                      st.floats(width=width, allow_nan=True, allow_infinity=True))
 
 
+# Strategies are built once per descriptor/field and reused: building them at every draw made
+# generation (hypothesis analyses each new strategy) cost more than the RPC under test.
+@functools.cache
 def text_strategy() -> st.SearchStrategy[str]:
     """Short and long strings, with the characters that break storage and parsers mixed in."""
     short = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(_NASTY_CHARS)), max_size=40)
@@ -79,6 +85,7 @@ def _timestamp_like(cls: type[Message]) -> st.SearchStrategy[Message]:
     return st.builds(lambda s, n: cls(seconds=s, nanos=n), seconds, nanos)
 
 
+@functools.cache
 def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     t = field.type
     if t in _RANGES:
@@ -114,6 +121,7 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return bool(flag) if flag is not None else field.label == FieldDescriptor.LABEL_REPEATED
 
 
+@functools.cache
 def message_strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
     """Any message of ``descriptor``'s type; fields are set sparsely so each draw stresses a few of them."""
     cls = _class_of(descriptor)
@@ -139,6 +147,14 @@ def message_strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrateg
     return build()
 
 
+def _approx_bytes(value: Any) -> int:
+    if isinstance(value, Message):
+        return value.ByteSize()
+    if isinstance(value, str | bytes):
+        return len(value)
+    return 8
+
+
 def _set(msg: Message, field: FieldDescriptor, draw: st.DrawFn, depth: int) -> None:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         key_field = field.message_type.fields_by_name["key"]
@@ -156,7 +172,9 @@ def _set(msg: Message, field: FieldDescriptor, draw: st.DrawFn, depth: int) -> N
     if _is_repeated(field):
         size = draw(st.one_of(st.integers(0, MAX_REPEATED), st.sampled_from([0, 1, 300])))
         items = draw(st.lists(_value(field, depth), min_size=min(size, MAX_REPEATED), max_size=min(size, 8)))
-        if size > MAX_REPEATED and items:  # many copies of one value: cheap to build, still oversized
+        # Many copies of one value: cheap to build, still oversized; but only of a small value, else one
+        # draw becomes a gigabyte (300 copies of a megabyte string) and the test measures serialization.
+        if size > MAX_REPEATED and items and _approx_bytes(items[0]) * size <= MAX_OVERSIZED_REPEATED_BYTES:
             items = items[:1] * size
         target = getattr(msg, field.name)
         if field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -170,3 +188,36 @@ def _set(msg: Message, field: FieldDescriptor, draw: st.DrawFn, depth: int) -> N
         getattr(msg, field.name).CopyFrom(value)
     else:
         setattr(msg, field.name, value)
+
+
+def one_field_mutated(base: Message) -> st.SearchStrategy[Message]:
+    """``base`` with exactly one field (at any depth: a nested message's field, one element of a repeated
+    message field) replaced by a value of ``message_strategy``'s kind. From a valid request this mostly
+    gives requests that are still valid but differ, so a fuzzer reaches the code behind validation."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> Message:
+        out = type(base)()
+        out.CopyFrom(base)
+        target: Message = out
+        depth = 0
+        while True:
+            fields: list[FieldDescriptor] = list(target.DESCRIPTOR.fields)
+            if not fields:  # an empty message type: nothing to change
+                return out
+            field = draw(st.sampled_from(fields))
+            is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+            if field.message_type is not None and not is_map and depth + 1 < MAX_DEPTH:
+                if _is_repeated(field):
+                    items = getattr(target, field.name)
+                    if len(items) and draw(st.booleans()):
+                        target, depth = items[draw(st.integers(0, len(items) - 1))], depth + 1
+                        continue
+                elif target.HasField(field.name) and draw(st.booleans()):
+                    target, depth = getattr(target, field.name), depth + 1
+                    continue
+            target.ClearField(field.name)
+            _set(target, field, draw, depth)
+            return out
+
+    return build()

@@ -218,7 +218,7 @@ async def test_semantic_request_fields_are_validated(stub: cache_pb2_grpc.CacheS
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Lookup(cache_pb2.LookupRequest(key=key(), semantic_threshold=1.5,
                                                   price=cache_pb2.TokenPrice(input_nano_usd_per_mtok=-1)))
-    assert set(violations(err.value)) == {"semantic_threshold", "price"}
+    assert set(violations(err.value)) == {"semantic_threshold", "price.input_nano_usd_per_mtok"}
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetStats(cache_pb2.GetStatsRequest(per_namespace=True))
     assert set(violations(err.value)) == {"per_namespace"}

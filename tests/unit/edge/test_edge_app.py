@@ -18,10 +18,11 @@ from tollgate.router.v1 import router_pb2, router_pb2_grpc
 
 from libs.errors import FieldViolation, InvalidArgument, QuotaExceeded, QuotaViolation, Unauthenticated, Unavailable
 from libs.grpc_errors import ErrorMappingInterceptor
-from services.edge.app import create_app
+from services.edge.server import uvicorn_config
 from services.edge.settings import EdgeSettings
 
 KEY = "tg-good"
+BODY_LIMIT = 64 * 1024
 
 
 def _summary(model: str) -> router_pb2.GenerationSummary:
@@ -103,9 +104,9 @@ async def edge() -> AsyncIterator[Running]:
     await health_servicer.set("tollgate.router.v1.RouterService", health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    settings = EdgeSettings(port=0, router_target=f"127.0.0.1:{port}", default_timeout_s=20)
-    web = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, http="httptools",
-                                        lifespan="on", log_config=None, access_log=False))
+    settings = EdgeSettings(host="127.0.0.1", port=0, router_target=f"127.0.0.1:{port}", default_timeout_s=20,
+                            max_body_bytes=BODY_LIMIT, grace_period_s=1)
+    web = uvicorn.Server(uvicorn_config(settings))  # the production configuration (serve() keeps this loop)
     task = asyncio.create_task(web.serve())
     while not web.started:
         await asyncio.sleep(0.01)
@@ -204,3 +205,117 @@ async def test_models_and_health(edge: Running) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert denied.status_code == 401
     assert healthy.status_code == 200 and draining.status_code == 503
+
+
+# --- hostile input (issue 14): 4xx with an OpenAI error body, never a 500, and the router never called ----
+
+def _openai_error(r: httpx.Response, status: int) -> dict[str, object]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error: dict[str, object] = body["error"]
+    return error
+
+
+_HEAD = b'{"model":"ok","messages":[{"role":"user","content":"hi"}]'
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"model":"ok","messages":[{"role":"user","content":"\\ud800"}]}', "messages[0].content"),
+    (_HEAD + b',"temperature":1e309}', "temperature"),
+    (_HEAD + b',"temperature":-1e309}', "temperature"),
+    (_HEAD + b',"temperature":NaN}', "temperature"),
+    (_HEAD + b',"temperature":Infinity}', "temperature"),
+    (_HEAD + b',"top_p":-Infinity}', "top_p"),
+    (_HEAD + b',"temperature":1' + b"0" * 400 + b"}", "temperature"),
+    (_HEAD + b',"max_tokens":1' + b"0" * 400 + b"}", "max_tokens"),
+    (_HEAD + b',"x":' + b"[" * 30_000 + b"]" * 30_000 + b"}", None),  # within the 64 KiB limit
+    (b"\xff\xfe{}", None),
+    (b"[]", None),
+], ids=["lone-surrogate", "1e309", "-1e309", "NaN", "Infinity", "-Infinity", "int-10e400-as-float",
+        "int-10e400-as-int", "30k-nested", "invalid-utf8", "not-an-object"])
+async def test_hostile_json_is_400_not_500(edge: Running, body: bytes, param: str | None) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        r = await client.post("/v1/chat/completions", content=body,
+                              headers={**AUTH, "content-type": "application/json"})
+        assert (await client.get("/healthz")).status_code == 200
+    error = _openai_error(r, 400)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert edge.router.seen == []
+
+
+async def test_a_body_over_the_limit_is_413(edge: Running) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked
+        for _ in range(3):
+            yield b" " * BODY_LIMIT
+
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        declared = await client.post("/v1/chat/completions", content=b" " * (BODY_LIMIT + 1), headers=AUTH)
+        chunked = await client.post("/v1/chat/completions", content=chunks(), headers=AUTH)
+        at_limit = await client.post("/v1/chat/completions", headers=AUTH,
+                                     content=json.dumps(_chat()).encode().ljust(BODY_LIMIT))
+        after = await client.post("/v1/chat/completions", json=_chat(), headers=AUTH)  # same connection
+    for r in (declared, chunked):
+        assert _openai_error(r, 413)["code"] == "request_too_large"
+    assert at_limit.status_code == 200 and after.status_code == 200
+    assert len(edge.router.seen) == 2
+
+
+async def _raw(url: str, request: bytes, *, then_wait_s: float = 5.0) -> bytes:
+    """Send raw bytes, then read the answer (the connection stays open, as a client still sending would)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), then_wait_s)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        return head + await asyncio.wait_for(reader.readexactly(length), then_wait_s)
+    finally:
+        writer.close()
+
+
+async def test_a_chunked_body_is_refused_once_past_the_limit_without_waiting_for_the_rest(edge: Running) -> None:
+    # Before: the whole body was read into memory first, so this client (which never finishes) got no answer.
+    chunk = b"x" * (BODY_LIMIT + 1)
+    reply = await _raw(edge.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+                                 b"content-type: application/json\r\n\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in reply
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(edge: Running) -> None:
+    reply = await _raw(edge.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+                       % (BODY_LIMIT * 1000))
+    assert reply.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in reply
+
+
+async def test_a_malformed_http_request_gets_an_openai_error(edge: Running) -> None:
+    # uvicorn's own answer is text/plain; the edge's protocol answers in the API's error format.
+    reply = await _raw(edge.url, b"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer \x01\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"application/json" in reply
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "invalid_http_request" and body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("headers", "status", "code"), [
+    ({"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ({"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    ({"content-encoding": "gzip"}, 415, "unsupported_media_type"),
+    ({"authorization": "Bearer tg-" + "a" * 20_000}, 401, "invalid_api_key"),
+    ({"authorization": "Bearer tg-\u00e9"}, 401, "invalid_api_key"),
+])
+async def test_bad_headers_are_refused_before_the_router(edge: Running, headers: dict[str, str], status: int,
+                                                          code: str) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        r = await client.post("/v1/chat/completions", content=json.dumps(_chat()).encode(),
+                              headers={**AUTH, **{k: v.encode("latin-1") for k, v in headers.items()}})
+    assert _openai_error(r, status)["code"] == code
+    assert edge.router.seen == []
+
+
+async def test_metadata_is_forwarded_as_labels(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        r = await client.post("/v1/chat/completions", json=_chat(metadata={"team": "search"}), headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert dict(edge.router.seen[0].labels) == {"team": "search"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -10,6 +11,8 @@ from google.protobuf import duration_pb2
 from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import router_pb2
 
+from libs import chat, validation
+from libs.chat import validate_messages
 from libs.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -293,3 +296,170 @@ def test_error_as_sse_event() -> None:
     reply = fmt.error_reply(Unavailable("gone", reason="BACKEND_ERROR"), "UNAVAILABLE")
     [event] = _frames(reply.sse())
     assert event["error"]["type"] == "server_error" and event["error"]["code"] == "backend_error"
+
+
+# --- strict JSON and the router's limits (issue 14) ---------------------------------
+
+_MSG = b'"model":"m","messages":[{"role":"user","content":"x"}]'
+
+
+def _refused(body: bytes) -> dict[str, Any]:
+    """The OpenAI error body for a refused request (it must be InvalidArgument -> 400, nothing else)."""
+    with pytest.raises(InvalidArgument) as info:
+        fmt.chat_request(body)
+    reply = fmt.error_reply(info.value)
+    assert reply.status == 400
+    error: dict[str, Any] = reply.body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    return error
+
+
+def test_a_lone_surrogate_is_400_naming_the_field() -> None:
+    # Before: UnicodeEncodeError building the protobuf -> 500.
+    error = _refused(b'{"model":"m","messages":[{"role":"user","content":"a\\ud800b"}]}')
+    assert error["param"] == "messages[0].content" and error["code"] == "invalid_json"
+    assert _refused(b'{' + _MSG + b',"ignored":{"\\udfff":1}}')["param"] == "ignored"  # in a key, too
+
+
+def test_a_surrogate_pair_is_one_character() -> None:
+    inp = fmt.chat_request(b'{"model":"m","messages":[{"role":"user","content":"\\ud83d\\ude00"}]}').input
+    assert inp.messages[0].content == "\U0001f600"
+
+
+def test_1e309_is_400() -> None:
+    error = _refused(b'{' + _MSG + b',"temperature":1e309}')  # before: inf was sent on to the router
+    assert error["param"] == "temperature" and "1e309" in error["message"]
+
+
+def test_minus_1e309_is_400() -> None:
+    assert _refused(b'{' + _MSG + b',"top_p":-1e309}')["param"] == "top_p"
+
+
+def test_nan_is_400() -> None:
+    assert _refused(b'{' + _MSG + b',"temperature":NaN}')["param"] == "temperature"
+
+
+@pytest.mark.parametrize("token", [b"Infinity", b"-Infinity"])
+def test_infinity_is_400(token: bytes) -> None:
+    assert _refused(b'{' + _MSG + b',"x":{"y":[1,' + token + b']}}')["param"] == "x.y[1]"
+
+
+def test_an_integer_too_big_for_a_double_is_400() -> None:
+    # Before: OverflowError converting 10**400 to the protobuf float -> 500.
+    assert _refused(b'{' + _MSG + b',"temperature":1' + b"0" * 400 + b'}')["param"] == "temperature"
+    assert _refused(b'{' + _MSG + b',"max_tokens":1' + b"0" * 400 + b'}')["param"] == "max_tokens"
+    assert _refused(b'{' + _MSG + b',"seed":1' + b"0" * 5000 + b'}')["code"] == "invalid_json"  # past 4300 digits
+
+
+@pytest.mark.parametrize("depth", [fmt.MAX_JSON_DEPTH + 1, 1000, 100_000])
+def test_deep_nesting_is_400(depth: int) -> None:
+    # Before: RecursionError from the standard library's parser (100,000 levels) -> 500.
+    error = _refused(b'{' + _MSG + b',"x":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}")
+    assert error["code"] == "invalid_json" and error["param"] is None and "levels deep" in error["message"]
+
+
+def test_nesting_up_to_the_limit_is_fine() -> None:
+    depth = fmt.MAX_JSON_DEPTH - 1  # the body object is the first level
+    fmt.chat_request(b'{' + _MSG + b',"x":' + b"[" * depth + b"]" * depth + b"}")
+
+
+@pytest.mark.parametrize("body", [b"\xc3\x28", b'{"model":"\xed\xa0\x80"}', b"\xef\xbb\xbf{}",
+                                  '{"model":"m"}'.encode("utf-16")])
+def test_not_utf8_json_is_400(body: bytes) -> None:
+    assert _refused(body)["code"] == "invalid_json"
+
+
+def test_an_error_message_does_not_quote_a_huge_value() -> None:
+    error = _refused(_body(messages=[{"role": "user", "content": [{"type": "x" * 100_000}]}]))
+    assert len(error["message"]) < 200
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"messages": [{"role": "user", "content": "x"}] * (fmt.MAX_MESSAGES + 1)}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 600_000}, {"role": "user", "content": [
+        {"type": "text", "text": "y" * 399_999}, {"type": "text", "text": "z"}]}]}, "messages"),
+    ({"stop": ["s"] * (fmt.MAX_STOP + 1)}, "stop"),
+    ({"fallback_models": ["a"] * (fmt.MAX_FALLBACK_MODELS + 1)}, "fallback_models"),
+    ({"fallback_models": ["a", 1]}, "fallback_models[1]"),
+    ({"fallback_models": ["a\x00"]}, "fallback_models[0]"),
+    ({"user": "u" * (fmt.MAX_USER_CHARS + 1)}, "user"),
+    ({"user": "a\x00b"}, "user"),
+    ({"user": "a\nb"}, "user"),
+    ({"model": "m" * (fmt.MAX_MODEL_NAME_CHARS + 1)}, "model"),
+    ({"fallback_models": ["m" * (fmt.MAX_MODEL_NAME_CHARS + 1)]}, "fallback_models[0]"),
+    ({"fallback_models": [""]}, "fallback_models[0]"),
+    ({"stop": "s" * (fmt.MAX_STOP_CHARS + 1)}, "stop"),
+    ({"stop": ["ok", "s\x00"]}, "stop[1]"),
+    ({"messages": [{"role": "user", "content": "a\x00b"}]}, "messages[0].content"),
+    ({"model": "m\x1b[31m"}, "model"),
+    ({"messages": [{"role": "user", "content": "x", "name": "n" * (fmt.MAX_MESSAGE_NAME_CHARS + 1)}]},
+     "messages[0].name"),
+    ({"messages": [{"role": "user", "content": "x", "name": "a\x00"}]}, "messages[0].name"),
+    ({"metadata": "k=v"}, "metadata"),
+    ({"metadata": {"k": 1}}, "metadata"),
+    ({"metadata": {f"k{i}": "v" for i in range(fmt.LIMITS["metadata_entries"] + 1)}}, "metadata"),
+    ({"metadata": {"k" * (fmt.LIMITS["metadata_key_chars"] + 1): "v"}}, "metadata['" + "k" * 64 + "']"),
+    ({"metadata": {"k": "v" * (fmt.LIMITS["metadata_value_chars"] + 1)}}, "metadata['k']"),
+    ({"metadata": {"k": "a\x00b"}}, "metadata['k']"),
+    ({"metadata": {"": "v"}}, "metadata"),
+    ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, "y"]}]}, "messages[0].content[1]"),
+    ({"stream_options": [True]}, "stream_options"),
+    ({"tollgate_cache": 5}, "tollgate_cache"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 1.0}, "seed"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"n": 1.0}, "n"),
+    ({"n": True}, "n"),
+    ({"top_p": 10**400}, "top_p"),
+])
+def test_the_routers_limits_are_refused_at_the_edge_naming_the_param(fields: dict[str, Any], param: str) -> None:
+    assert _bad_param(_body(**fields)) == param
+
+
+def test_requests_at_the_limits_pass() -> None:
+    content = "x" * (fmt.MAX_MESSAGE_CHARS // fmt.MAX_MESSAGES)
+    inp = fmt.chat_request(_body(
+        model="m" * fmt.MAX_MODEL_NAME_CHARS,
+        fallback_models=["f" * fmt.MAX_MODEL_NAME_CHARS] * fmt.MAX_FALLBACK_MODELS,
+        messages=[{"role": "user", "content": content, "name": "n" * fmt.MAX_MESSAGE_NAME_CHARS}] * fmt.MAX_MESSAGES,
+        stop=["s\n" * (fmt.MAX_STOP_CHARS // 2)] * fmt.MAX_STOP, user="u" * fmt.MAX_USER_CHARS, n=1,
+        metadata={f"k{i}": "v" * 256 for i in range(32)})).input
+    assert len(inp.messages) == 256 and len(inp.labels) == 32 and inp.labels["k0"] == "v" * 256
+    assert inp.messages[0].content == content and len(inp.params.stop) == 8 and len(inp.fallback_models) == 4
+
+
+def test_metadata_becomes_labels_and_router_label_violations_name_metadata() -> None:
+    assert dict(fmt.chat_request(_body(metadata={"team": "search"})).input.labels) == {"team": "search"}
+    reply = fmt.error_reply(InvalidArgument([FieldViolation("input.labels['k']", "too long")]), "INVALID_ARGUMENT")
+    assert reply.body["error"]["param"] == "metadata['k']"
+
+
+@pytest.mark.parametrize(("content_type", "encoding", "ok"), [
+    (None, None, True), ("application/json", None, True), ("application/json; charset=utf-8", None, True),
+    ('Application/JSON; charset="UTF-8"', "identity", True), ("text/plain", None, False),
+    ("application/x-www-form-urlencoded", None, False), ("application/json; charset=latin-1", None, False),
+    ("", None, False), ("application/json", "gzip", False), (None, "br", False)])
+def test_unsupported_media_is_415(content_type: str | None, encoding: str | None, ok: bool) -> None:
+    reply = fmt.unsupported_media(content_type, encoding)
+    if ok:
+        assert reply is None
+    else:
+        assert reply is not None and reply.status == 415
+        assert reply.body["error"]["code"] == "unsupported_media_type"
+
+
+def test_a_problem_after_a_deep_subtree_is_found_without_recursing_into_it() -> None:
+    deep = b"[" * 900 + b"]" * 900  # within the parser's recursion limit, past MAX_JSON_DEPTH
+    error = _refused(b'{' + _MSG + b',"deep":' + deep + b',"late":"\\ud800"}')
+    assert error["param"] in ("late", None)
+
+
+def test_the_limits_are_the_shared_validators_defaults() -> None:
+    # The router calls these with their defaults; tests/fuzz/test_fuzz_edge.py checks the running router too.
+    messages = inspect.signature(validate_messages).parameters
+    assert messages["max_messages"].default == fmt.MAX_MESSAGES
+    assert messages["max_chars"].default == fmt.MAX_MESSAGE_CHARS
+    assert fmt.LIMITS["metadata_entries"] == validation.MAX_LABELS
+    assert fmt.MAX_STOP == chat.MAX_STOP_SEQUENCES and fmt.MAX_STOP_CHARS == chat.MAX_STOP_CHARS
+    assert fmt.MAX_MESSAGE_NAME_CHARS == chat.MAX_MESSAGE_NAME_CHARS
