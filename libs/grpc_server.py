@@ -37,13 +37,35 @@ class ServiceBinding:
     add_to_server: Callable[[grpc.aio.Server], None]
 
 
+class DetailedHealthServicer(health.aio.HealthServicer):
+    """The standard health service, plus details per service name sent as trailing metadata of ``Check``.
+
+    The protocol's response carries only a status; a number an operator needs next to it (how many usage
+    rows the ledger refused, say) travels as ``tollgate-<name>: <value>`` metadata, which grpcurl and
+    every gRPC client show. Written here because grpcio-health-checking has no such hook.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._details: dict[str, dict[str, str]] = {}
+
+    def set_detail(self, service: str, name: str, value: str) -> None:
+        self._details.setdefault(service, {})[f"tollgate-{name}"] = value
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        details = self._details.get(request.service)
+        if details:
+            context.set_trailing_metadata(tuple(details.items()))
+        return await super().Check(request, context)
+
+
 class GrpcServer:
     """A running gRPC server; ``health`` lets the service report SERVING / NOT_SERVING."""
 
     def __init__(self, settings: ServiceSettings, bindings: Sequence[ServiceBinding], *, tracing: bool = False):
         self._settings = settings
         self._bindings = list(bindings)
-        self.health = health.aio.HealthServicer()
+        self.health = DetailedHealthServicer()
         self.server = grpc.aio.server(
             interceptors=[*server_interceptors(tracing), ErrorMappingInterceptor()],
             options=[

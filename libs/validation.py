@@ -57,8 +57,10 @@ def check_text(v: Violations, value: str, field_path: str, *, max_chars: int, re
 
 
 def check_labels(v: Violations, labels: Mapping[str, str], field_path: str, *, max_labels: int = MAX_LABELS,
-                 max_key_chars: int = MAX_LABEL_KEY_CHARS, max_value_chars: int = MAX_LABEL_VALUE_CHARS) -> None:
-    """A string map (labels, metadata): bounded count, keys and values checked like names."""
+                 max_key_chars: int = MAX_LABEL_KEY_CHARS, max_value_chars: int = MAX_LABEL_VALUE_CHARS,
+                 text_values: bool = False) -> None:
+    """A string map (labels, metadata): bounded count, keys checked like names; values like names too, or
+    with ``text_values`` like free text (tab and newlines allowed: a document's metadata may hold them)."""
     if len(labels) > max_labels:
         v.add(field_path, f"at most {max_labels} entries")
         return
@@ -67,7 +69,8 @@ def check_labels(v: Violations, labels: Mapping[str, str], field_path: str, *, m
             v.add(field_path, "keys must not be empty")
             continue
         check_name(v, key, f"{field_path}[{key[:max_key_chars]!r}]", max_chars=max_key_chars)
-        check_name(v, value, f"{field_path}[{key[:max_key_chars]!r}]", max_chars=max_value_chars)
+        check_value = check_text if text_values else check_name
+        check_value(v, value, f"{field_path}[{key[:max_key_chars]!r}]", max_chars=max_value_chars)
 
 
 def check_finite(v: Violations, value: float, field_path: str) -> None:

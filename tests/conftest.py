@@ -5,6 +5,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.support.stubs import stub_version_problem
+
+# Before anything imports a stub: a mismatch would otherwise fail every module at collection, far from its cause.
+if (_problem := stub_version_problem()) is not None:
+    pytest.exit(f"gen/ does not match the grpcio runtime: {_problem}", returncode=4)
+
 from tests.support import infra
 
 

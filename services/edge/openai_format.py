@@ -247,7 +247,8 @@ def _check_tree(data: object) -> None:
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, strictly: UTF-8, RFC 8259 numbers and strings, bounded nesting."""
     try:
-        text = body.decode("utf-8")
+        # One leading byte order mark is ignored, as RFC 8259 allows (some Windows tools write one).
+        text = body.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
     except UnicodeDecodeError:
         raise _bad_json("the request body is not valid UTF-8") from None
     try:
@@ -451,9 +452,14 @@ def chat_request(body: bytes, *, cache_header: str | None = None) -> ChatCall:
     return ChatCall(inp, stream, include_usage)
 
 
+_JSON_READABLE_MEDIA = frozenset({"application/json", "application/x-www-form-urlencoded", "text/plain"})
+
+
 def unsupported_media(content_type: str | None, content_encoding: str | None) -> ErrorReply | None:
-    """415 unless the body is plain JSON: ``application/json`` (charset utf-8 if one is named), or no
-    Content-Type at all (curl without -H); no Content-Encoding but ``identity``."""
+    """415 unless the body can be read as JSON: ``application/json`` (charset utf-8 if one is named), no
+    Content-Type at all, or the two types that tools send by default for a raw body (``curl -d`` sends
+    ``application/x-www-form-urlencoded``, some clients ``text/plain``), as OpenAI's API accepts them;
+    no Content-Encoding but ``identity``. The body is parsed as strict JSON either way."""
     if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
         return error_body(415, "Content-Encoding is not supported; send the JSON body uncompressed",
                           "invalid_request_error", code="unsupported_media_type")
@@ -465,7 +471,7 @@ def unsupported_media(content_type: str | None, content_encoding: str | None) ->
         key, _, value = param.partition("=")
         if key.strip().lower() == "charset":
             charset = value.strip().strip('"').lower()
-    if media.strip().lower() == "application/json" and charset in ("", "utf-8", "utf8"):
+    if media.strip().lower() in _JSON_READABLE_MEDIA and charset in ("", "utf-8", "utf8"):
         return None
     return error_body(415, f"Content-Type {_short(content_type)} is not supported; send 'application/json' "
                            "(UTF-8)", "invalid_request_error", code="unsupported_media_type")

@@ -68,7 +68,7 @@ def _check_free_text(v: Violations, text: str, path: str) -> None:
 
 def _check_metadata(v: Violations, metadata: Mapping[str, str], path: str) -> None:
     check_labels(v, metadata, path, max_labels=MAX_METADATA_ENTRIES, max_key_chars=MAX_METADATA_KEY_CHARS,
-                 max_value_chars=MAX_METADATA_VALUE_CHARS)
+                 max_value_chars=MAX_METADATA_VALUE_CHARS, text_values=True)
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):

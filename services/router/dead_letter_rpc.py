@@ -6,6 +6,7 @@ check); the router's wiring hands it the store with ``serve_dead_letters``.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -31,9 +32,15 @@ def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
+# "<ms>-<seq>" in ASCII digits, each part a 64-bit unsigned number: anything else Redis refuses ("Invalid
+# stream ID"), which must be the caller's INVALID_ARGUMENT, not an UNAVAILABLE. (str.isdigit() takes "²".)
+_ENTRY_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", re.ASCII)
+_U64_MAX = 2**64 - 1
+
+
 def _entry_id_ok(value: str) -> bool:
-    ms, dash, seq = value.partition("-")
-    return 0 < len(value) <= MAX_ID_CHARS and ms.isdigit() and (not dash or seq.isdigit())
+    match = _ENTRY_ID.fullmatch(value)
+    return match is not None and all(int(part) <= _U64_MAX for part in match.groups() if part is not None)
 
 
 def dead_letter_to_proto(d: DeadLetter) -> admin_pb2.DeadLetter:

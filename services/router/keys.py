@@ -184,13 +184,19 @@ class Authenticator:
         elif key_hash in self._unknown:
             raise Unauthenticated("unknown key")
         else:
-            if cached is None:
-                # A token this router has not seen verified lately: a guess, unless the source has few failures.
-                # (A known key whose fresh period ended is re-read even then: it is no guess.)
+            # A token this router has not seen verified lately is a guess until PostgreSQL says otherwise, so
+            # it is charged to its source BEFORE the query: concurrent guesses cannot all pass the check while
+            # their lookups are in flight. A valid key gets its charge back. (A known key whose fresh period
+            # ended is re-read even from a failing source: it is no guess.)
+            guess = cached is None
+            if guess:
                 self._refuse_if_failing(source, now)
+                self._failed(source, now)
             try:
                 found = await self._lookup.find_by_hash(key_hash)
             except Unavailable:
+                if guess:
+                    self._refund(source)
                 if cached is not None:  # still within the stale period, or the cache would have dropped it
                     record = cached[1]
                 else:
@@ -199,11 +205,15 @@ class Authenticator:
                 if found is None:
                     self._unknown[key_hash] = now
                     self._known.pop(key_hash, None)
-                    self._failed(source, now)
+                    if not guess:
+                        self._failed(source, now)
                     raise Unauthenticated("unknown key")
                 record = found
                 self._known[key_hash] = (now, record)
-                if not self._valid(record):
+                if self._valid(record):
+                    if guess:
+                        self._refund(source)
+                elif not guess:
                     self._failed(source, now)
         if record.revoked or record.key_id in self._revoked:
             raise Unauthenticated("key revoked")
@@ -222,6 +232,11 @@ class Authenticator:
         else:
             # Mutated in place: re-setting the entry would restart its TTL, so the window would never end.
             window[1] += 1
+
+    def _refund(self, source: str) -> None:
+        window = self._failures.get(source)
+        if window is not None:
+            window[1] = max(0.0, window[1] - 1)
 
     def _refuse_if_failing(self, source: str, now: float) -> None:
         window = self._failures.get(source)

@@ -11,14 +11,12 @@ these numbers; change them together.
 from __future__ import annotations
 
 # Messages and sampling parameters: the limits every service shares (libs/chat.py), re-exported here.
-from libs.chat import (  # noqa: F401
-    MAX_MESSAGE_NAME_CHARS,
-    MAX_MESSAGES,
-    MAX_MESSAGES_CHARS,
-    MAX_OUTPUT_TOKENS,
-    MAX_STOP_CHARS,
-    MAX_STOP_SEQUENCES,
-)
+from libs.chat import MAX_MESSAGE_NAME_CHARS as MAX_MESSAGE_NAME_CHARS
+from libs.chat import MAX_MESSAGES as MAX_MESSAGES
+from libs.chat import MAX_MESSAGES_CHARS as MAX_MESSAGES_CHARS
+from libs.chat import MAX_OUTPUT_TOKENS as MAX_OUTPUT_TOKENS
+from libs.chat import MAX_STOP_CHARS as MAX_STOP_CHARS
+from libs.chat import MAX_STOP_SEQUENCES as MAX_STOP_SEQUENCES
 from libs.validation import MAX_LABEL_KEY_CHARS, MAX_LABEL_VALUE_CHARS, MAX_LABELS
 
 # --- RouterService ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from services.router.experiments import (
 from services.router.gateway import AUTO_MODEL, CachePolicy, Gateway, GenerateCommand, RetrievalPolicy, Summary
 from services.router.keys import HASH_ALGORITHM, HASH_RATIONALE, Authenticator, KeyRecord, require_admin
 from services.router.registry import Registry
+from services.router.usage import GUARD_LABEL
 
 _TIER = {"miss": common_pb2.CACHE_TIER_MISS, "exact": common_pb2.CACHE_TIER_EXACT,
          "semantic": common_pb2.CACHE_TIER_SEMANTIC}
@@ -150,6 +151,8 @@ def _check_input(inp: router_pb2.GenerationInput) -> None:
     validate_params(inp.params, v, "input.params", max_output_tokens=lim.MAX_OUTPUT_TOKENS)
     check_labels(v, inp.labels, "input.labels", max_labels=lim.ROUTER_MAX_LABELS,
                  max_key_chars=lim.ROUTER_MAX_LABEL_KEY_CHARS, max_value_chars=lim.ROUTER_MAX_LABEL_VALUE_CHARS)
+    # The ledger writer's own marker: a caller setting it could make a row look repaired (or hide one).
+    v.check(GUARD_LABEL not in inp.labels, f"input.labels[{GUARD_LABEL!r}]", "is reserved by the ledger")
     check_name(v, inp.user_id, "input.user_id", max_chars=lim.MAX_USER_ID_CHARS)
     check_name(v, inp.prompt_version, "input.prompt_version", max_chars=lim.MAX_PROMPT_VERSION_CHARS)
     v.check(inp.cache_control.max_age_seconds <= lim.MAX_CACHE_AGE_S, "input.cache_control.max_age_seconds",

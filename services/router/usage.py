@@ -326,7 +326,8 @@ def guard_event(e: UsageEvent) -> tuple[UsageEvent, list[str]]:
     if not changes:
         return e, []
     fields = sorted(changes)
-    changes["labels"] = {**changes.get("labels", e.labels), GUARD_LABEL: ",".join(fields)}
+    labels = changes.get("labels", e.labels)
+    changes["labels"] = {**(labels if isinstance(labels, dict) else {}), GUARD_LABEL: ",".join(fields)}
     return replace(e, **changes), fields
 
 
@@ -436,7 +437,13 @@ class LedgerWriter:
                           type(exc).__name__)
                 poison.append((entry_id, raw, malformed_reason(exc)))
                 continue
-            guarded, changed = guard_event(event)
+            try:
+                guarded, changed = guard_event(event)
+            except Exception as exc:  # a forged or hand-edited entry must never stall the stream behind it
+                log.error("usage entry %r cannot be made storable (%s); moved to the dead-letter stream", entry_id,
+                          type(exc).__name__)
+                poison.append((entry_id, raw, f"malformed: {type(exc).__name__}"))
+                continue
             if changed:
                 log.warning("request %s: %s made storable for the ledger (label %s)", event.request_id,
                             ", ".join(changed), GUARD_LABEL)

@@ -296,7 +296,8 @@ bodies = st.one_of(
     st.integers(1, 3000).map(lambda n: b'{"model":"m","pad":"' + b"x" * (BODY_LIMIT + n) + b'"}'),  # oversized
     json_values.map(lambda v: encode(v, ascii_only=True)),
 )
-# Mostly JSON (so most bodies get parsed), sometimes a type the edge must refuse with 415.
+# Mostly JSON (so most bodies get parsed), sometimes a type the edge must refuse with 415 (or reads as JSON:
+# text/plain and form-urlencoded, what curl -d sends).
 CONTENT_TYPES = [None] * 10 + ["application/json"] * 30 + [
     "application/json; charset=utf-8", 'application/json; charset="UTF-8"', "APPLICATION/JSON",
     "application/json; charset=latin-1", "text/plain", "application/x-www-form-urlencoded",

@@ -42,6 +42,7 @@ from services.router.control import ControlPlane
 from services.router.db import create_pool
 from services.router.server import build
 from services.router.settings import RouterSettings
+from services.router.usage import GUARD_LABEL
 from tests.fake_provider import FakeProvider
 from tests.support import infra
 from tests.support.fuzz import (
@@ -216,6 +217,9 @@ async def test_fuzz_rpc(mesh: Mesh, service: ServiceDescriptor, method: MethodDe
     else:
         code = await call_unary(unary_method(mesh.channel, service, method.name), request, where, metadata=md)
     mesh.codes.setdefault(method.full_name, collections.Counter())[f"{auth}:{code.name}"] += 1
+    # PostgreSQL and Redis are up: an admin call that answers UNAVAILABLE failed on the caller's input
+    # (Redis refusing a malformed stream id, say) and should have said INVALID_ARGUMENT.
+    assert not (service.name == "AdminService" and code == grpc.StatusCode.UNAVAILABLE), where
 
 
 @pytest.mark.parametrize("service", SERVICES, ids=[s.full_name for s in SERVICES])
@@ -236,6 +240,10 @@ async def test_no_usage_event_was_dead_lettered(mesh: Mesh) -> None:
     assert await mesh.redis.xlen(f"{mesh.stream}:dead") == 0, f"usage events dead-lettered: {dead}"
     async with mesh.pool.acquire() as conn:
         rows = await conn.fetchval("SELECT count(*) FROM usage_ledger")
+        # The writer stores what the columns cannot hold clamped and labelled rather than dead-lettered: a row
+        # with that label means the router's validation let such a value through.
+        guarded = await conn.fetchval("SELECT count(*) FROM usage_ledger WHERE labels ? $1", GUARD_LABEL)
+    assert guarded == 0, f"{guarded} ledger rows needed the writer's guard (validation gap at the router)"
     served = sum(n for name, c in mesh.codes.items() if name.endswith(("Generate", "GenerateStream"))
                  for outcome, n in c.items() if outcome.endswith(":OK"))
     assert rows >= served > 0, (rows, served)

@@ -295,6 +295,19 @@ async def test_a_member_key_can_neither_list_nor_replay(mesh: Mesh) -> None:
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.parametrize("bad_id", ["\u0661\u0662-1", "\u00b2", "99999999999999999999999", "1-2-3", "-1", "1-",
+                                    "18446744073709551616-0"])
+async def test_an_id_redis_would_refuse_is_invalid_argument(mesh: Mesh, bad_id: str) -> None:
+    # Regression: str.isdigit() let Unicode digits and out-of-range numbers through; Redis then answered
+    # "Invalid stream ID" and the caller got UNAVAILABLE for its own bad input.
+    calls = [(mesh.stub.ListDeadLetters, admin_pb2.ListDeadLettersRequest(page_token=bad_id), "page_token"),
+             (mesh.stub.ReplayDeadLetters, admin_pb2.ReplayDeadLettersRequest(ids=[bad_id]), "ids")]
+    for call, request, field in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(request, metadata=mesh.md(mesh.admin_key))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
+
+
 async def _cli(m: Mesh, *args: str, stdin: bytes | None = None) -> tuple[int, str]:
     """The `tollgate` console script's entry point, as its own process."""
     proc = await asyncio.create_subprocess_exec(
@@ -366,6 +379,10 @@ async def test_the_router_reports_dead_letters_on_its_health_service(
         dead = f"{redis_prefix}usage:dead"
         entry = await client.xadd(dead, {"e": "{", "id": "0-1", "reason": "malformed: not JSON"})
         await until(LEDGER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # The count itself, on the same Check call (trailing metadata, as grpcurl -v shows it).
+        check = stub.Check(health_pb2.HealthCheckRequest(service=LEDGER_HEALTH_SERVICE), timeout=5)
+        await check
+        assert dict(await check.trailing_metadata())["tollgate-dead-letters"] == "1"
         for service in ("", "tollgate.router.v1.RouterService", "tollgate.router.v1.AdminService"):
             assert await status(service) == health_pb2.HealthCheckResponse.SERVING  # the router still serves
         await client.xdel(dead, entry)
@@ -386,9 +403,14 @@ async def test_hostile_entries_are_set_aside_and_never_block_the_stream(
     await client.xadd(stream, {"e": "[" * 100_000 + "]" * 100_000})
     surrogate = json.loads(_event("x").to_json()) | {"request_id": "\ud800", "input_tokens": "no"}
     await client.xadd(stream, {"e": json.dumps(surrogate)})
+    # Labels that are not a map, with a field that needs guarding (a naive time): guard_event raised TypeError
+    # outside any handler, and the entry stalled the stream for good. Now it is stored, labelled as guarded.
+    not_a_map = json.loads(_event("y").to_json()) | {"labels": None, "started_at": "2024-01-01T00:00:00"}
+    await client.xadd(stream, {"e": json.dumps(not_a_map)})
     await UsageRecorder(client, stream, tmp_path).record(_event("good"))
     await writer.drain_once()
-    assert sorted(await _ledger(pool)) == ["good"]
+    assert sorted(await _ledger(pool)) == ["good", "y"]
     assert await _pending_empty(client, stream)
     reasons = sorted(d["reason"] for d in await _dead(client, stream))
+    assert len(reasons) == 2
     assert reasons[0].startswith("DataError") and reasons[1] == "malformed: RecursionError"

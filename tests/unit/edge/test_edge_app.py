@@ -299,8 +299,8 @@ async def test_a_malformed_http_request_gets_an_openai_error(edge: Running) -> N
 
 
 @pytest.mark.parametrize(("headers", "status", "code"), [
-    ({"content-type": "text/plain"}, 415, "unsupported_media_type"),
-    ({"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    ({"content-type": "multipart/form-data; boundary=x"}, 415, "unsupported_media_type"),
+    ({"content-type": "application/json; charset=latin-1"}, 415, "unsupported_media_type"),
     ({"content-encoding": "gzip"}, 415, "unsupported_media_type"),
     ({"authorization": "Bearer tg-" + "a" * 20_000}, 401, "invalid_api_key"),
     ({"authorization": "Bearer tg-\u00e9"}, 401, "invalid_api_key"),
@@ -319,3 +319,14 @@ async def test_metadata_is_forwarded_as_labels(edge: Running) -> None:
         r = await client.post("/v1/chat/completions", json=_chat(metadata={"team": "search"}), headers=AUTH)
     assert r.status_code == 200, r.text
     assert dict(edge.router.seen[0].labels) == {"team": "search"}
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+async def test_the_readmes_curl_request_is_served(edge: Running, content_type: str) -> None:
+    # README.md's example is `curl … -d '{…}'` without -H, which sends application/x-www-form-urlencoded:
+    # the body is JSON all the same, and OpenAI's API reads it as such.
+    body = b'{"model": "auto", "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        r = await client.post("/v1/chat/completions", content=body,
+                              headers={**AUTH, "content-type": content_type})
+    assert r.status_code == 200, r.text

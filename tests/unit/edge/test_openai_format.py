@@ -363,10 +363,15 @@ def test_nesting_up_to_the_limit_is_fine() -> None:
     fmt.chat_request(b'{' + _MSG + b',"x":' + b"[" * depth + b"]" * depth + b"}")
 
 
-@pytest.mark.parametrize("body", [b"\xc3\x28", b'{"model":"\xed\xa0\x80"}', b"\xef\xbb\xbf{}",
+@pytest.mark.parametrize("body", [b"\xc3\x28", b'{"model":"\xed\xa0\x80"}', b"\xef\xbb\xbf\xef\xbb\xbf{}",
                                   '{"model":"m"}'.encode("utf-16")])
 def test_not_utf8_json_is_400(body: bytes) -> None:
     assert _refused(body)["code"] == "invalid_json"
+
+
+def test_one_leading_utf8_byte_order_mark_is_ignored() -> None:
+    # RFC 8259 lets a parser ignore it, and some Windows tools write one; the edge accepted it before.
+    fmt.chat_request(b"\xef\xbb\xbf{" + _MSG + b"}")
 
 
 def test_an_error_message_does_not_quote_a_huge_value() -> None:
@@ -437,8 +442,9 @@ def test_metadata_becomes_labels_and_router_label_violations_name_metadata() -> 
 
 @pytest.mark.parametrize(("content_type", "encoding", "ok"), [
     (None, None, True), ("application/json", None, True), ("application/json; charset=utf-8", None, True),
-    ('Application/JSON; charset="UTF-8"', "identity", True), ("text/plain", None, False),
-    ("application/x-www-form-urlencoded", None, False), ("application/json; charset=latin-1", None, False),
+    ('Application/JSON; charset="UTF-8"', "identity", True), ("text/plain", None, True),
+    ("application/x-www-form-urlencoded", None, True), ("application/json; charset=latin-1", None, False),
+    ("multipart/form-data; boundary=x", None, False),
     ("", None, False), ("application/json", "gzip", False), (None, "br", False)])
 def test_unsupported_media_is_415(content_type: str | None, encoding: str | None, ok: bool) -> None:
     reply = fmt.unsupported_media(content_type, encoding)

@@ -8,6 +8,9 @@ any database query.
 
 from __future__ import annotations
 
+import asyncio
+import tracemalloc
+
 import pytest
 
 from libs.chat import Principal
@@ -139,3 +142,45 @@ async def test_the_positive_cache_is_bounded_and_the_stale_fallback_still_works(
     assert (await auth.authenticate(f"Bearer {keys[-1]}")).key_id == f"k{len(keys) - 1}"
     with pytest.raises(Unavailable):  # evicted (least recently used): fail closed
         await auth.authenticate(f"Bearer {keys[0]}")
+
+
+class SlowLookup(CountingLookup):
+    """A lookup that takes a while, so many guesses are in flight at once (as against a busy PostgreSQL)."""
+
+    async def find_by_hash(self, key_hash: bytes) -> KeyRecord | None:
+        await asyncio.sleep(0.01)
+        return await super().find_by_hash(key_hash)
+
+
+async def test_concurrent_guesses_cannot_all_pass_the_check_while_their_lookups_are_in_flight() -> None:
+    # Regression: the failure was counted only after the query returned, so 5,000 concurrent distinct bad
+    # keys from one address all passed the check and made 5,000 queries.
+    lookup, clock = SlowLookup(), Clock()
+    auth = _auth(lookup, clock)
+    tracemalloc.start()
+    results = await asyncio.gather(*(auth.authenticate(f"Bearer {new_key()}", "198.51.100.9")
+                                     for _ in range(5_000)), return_exceptions=True)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert lookup.calls == N_FAILURES
+    assert sum(isinstance(r, TooManyAuthFailures) for r in results) == 5_000 - N_FAILURES
+    assert sum(isinstance(r, Unauthenticated) for r in results) == N_FAILURES
+    assert auth.cached_keys <= N_FAILURES
+    assert peak < 64 * 1024 * 1024, f"peak {peak} bytes"
+
+
+async def test_a_valid_key_gets_its_charge_back() -> None:
+    lookup, clock = CountingLookup(), Clock()
+    auth = _auth(lookup, clock, ttl=0.0)
+    key = new_key()
+    lookup.rows[hash_key(key)] = _record("k1")
+    # Many valid verifications (the cache TTL is 0, so each is a query) never add up to a failure.
+    for _ in range(N_FAILURES * 3):
+        clock.now += 1.0
+        auth.forget()
+        assert (await auth.authenticate(f"Bearer {key}", "198.51.100.10")).key_id == "k1"
+    for _ in range(N_FAILURES - 1):
+        with pytest.raises(Unauthenticated):
+            await auth.authenticate(f"Bearer {new_key()}", "198.51.100.10")
+    auth.forget()
+    assert (await auth.authenticate(f"Bearer {key}", "198.51.100.10")).key_id == "k1"

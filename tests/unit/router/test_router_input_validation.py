@@ -94,6 +94,7 @@ BAD_INPUTS = {
     "nul in a label key": (_input(labels={"te\x00am": "x"}), "input.labels"),
     "nul in a label value": (_input(labels={"team": "a\x00b"}), "input.labels"),
     "control char in a label": (_input(labels={"team": "a\x1bb"}), "input.labels"),
+    "the ledger's reserved label": (_input(labels={"ledger_guard": "x"}), "input.labels"),
     "label key too long": (_input(labels={"k" * (lim.ROUTER_MAX_LABEL_KEY_CHARS + 1): "v"}), "input.labels"),
     "label value too long": (_input(labels={"k": "v" * (lim.ROUTER_MAX_LABEL_VALUE_CHARS + 1)}), "input.labels"),
     "too many labels": (_input(labels={f"k{i}": "v" for i in range(lim.ROUTER_MAX_LABELS + 1)}), "input.labels"),
