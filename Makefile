@@ -75,9 +75,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # The gRPC and HTTP fuzz suites at 10,000 random examples per RPC and route (`make test` runs 1,000,
-# derandomized, so CI sees the same inputs every run).
+# derandomized, so CI sees the same inputs every run). `make fuzz FUZZ_EXAMPLES=N` for another count.
+FUZZ_EXAMPLES ?= 10000
 fuzz: setup
-	TOLLGATE_FUZZ_EXAMPLES=10000 TOLLGATE_FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/fuzz
+	TOLLGATE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TOLLGATE_FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/fuzz
 
 lint: setup
 	$(VENV)/bin/ruff check libs services tests
