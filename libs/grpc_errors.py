@@ -188,25 +188,25 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -222,10 +222,56 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort_with_status(rpc_status.to_status(_UNEXPECTED))
 
 
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse (see :func:`_tolerant`)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A request deserializer that never raises: grpcio answers a deserializer's exception with INTERNAL
+    ("Exception deserializing request!"), but bytes that are not the RPC's message are the caller's
+    mistake, so the handler gets a marker and answers INVALID_ARGUMENT instead."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a parser raises on foreign bytes
+            return _Undecodable(type(exc).__name__)
+
+    return deserialize
+
+
+def _undecodable(error: _Undecodable) -> InvalidArgument:
+    return InvalidArgument([FieldViolation("request", "the request bytes are not a serialized message of this "
+                                                      f"RPC's request type ({error.error})")])
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise _undecodable(request)
+        yield request
+
+
+def _checked(request: Any) -> Any:
+    """The request, or (for a client stream) an iterator that raises on an undecodable message."""
+    if isinstance(request, _Undecodable):
+        raise _undecodable(request)
+    if hasattr(request, "__aiter__"):
+        return _decoded_stream(request)
+    return request
+
+
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(_checked(request), context)
         except (TollgateError, Exception) as exc:
             if _is_abort(exc):
                 raise
@@ -237,7 +283,7 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in behavior(request, context):
+            async for item in behavior(_checked(request), context):
                 yield item
         except (TollgateError, Exception) as exc:
             if _is_abort(exc):

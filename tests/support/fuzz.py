@@ -270,3 +270,33 @@ async def fuzz_example(channel: grpc.aio.Channel, service: ServiceDescriptor, me
     for name in (service.full_name, *health):
         await assert_serving(channel, name)
     return code
+
+
+async def call_raw(channel: grpc.aio.Channel, service: ServiceDescriptor, method_name: str,
+                   payloads: Sequence[bytes], where: str, *, timeout_s: float = 10.0) -> grpc.StatusCode:
+    """Send raw bytes as the request message(s), as a client with another schema (or a broken one) would:
+    bytes that do not parse must be INVALID_ARGUMENT, never grpcio's own INTERNAL."""
+    method = service.methods_by_name[method_name]
+    path = f"/{service.full_name}/{method.name}"
+    try:
+        if method.client_streaming:
+            stream_call = (channel.stream_stream if method.server_streaming else channel.stream_unary)(path)
+
+            async def requests() -> Any:
+                for payload in payloads:
+                    yield payload
+
+            result = stream_call(requests(), timeout=timeout_s)
+            if method.server_streaming:
+                async for _ in result:
+                    pass
+            else:
+                await result
+        elif method.server_streaming:
+            async for _ in channel.unary_stream(path)(payloads[0], timeout=timeout_s):
+                pass
+        else:
+            await channel.unary_unary(path)(payloads[0], timeout=timeout_s)
+    except grpc.aio.AioRpcError as err:
+        return check_rpc_error(err, where)
+    return grpc.StatusCode.OK
