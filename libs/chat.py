@@ -18,7 +18,7 @@ from typing import Any
 from tollgate.common.v1 import common_pb2
 
 from libs.errors import Violations
-from libs.validation import check_finite, check_name, check_text
+from libs.validation import check_finite, check_name, check_no_nul, check_text
 
 
 class Role(StrEnum):
@@ -200,6 +200,9 @@ MAX_MESSAGE_NAME_CHARS = 64  # ChatMessage.name (OpenAI's limit)
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 128
 MAX_OUTPUT_TOKENS = 32_768
+# A token price, wherever one is accepted (router prices, cache savings): at most $1,000,000 per million
+# tokens, so price x tokens / 1e6 stays far inside 64-bit counters (the ledger's bigint, Redis's integers).
+MAX_PRICE_NANO_USD_PER_MTOK = 10**15
 
 
 def validate_messages(messages: Iterable[common_pb2.ChatMessage], violations: Violations,
@@ -222,8 +225,7 @@ def validate_messages(messages: Iterable[common_pb2.ChatMessage], violations: Vi
         if m.role not in _ROLE_FROM_PROTO:
             violations.add(f"{field_prefix}[{i}].role", "role must be system, user, assistant or tool")
         total += len(m.content)
-        if "\x00" in m.content:
-            violations.add(f"{field_prefix}[{i}].content", "must not contain NUL characters")
+        check_no_nul(violations, m.content, f"{field_prefix}[{i}].content")
         check_name(violations, m.name, f"{field_prefix}[{i}].name", max_chars=MAX_MESSAGE_NAME_CHARS)
     if total > max_chars:
         violations.add(field_prefix, f"messages exceed {max_chars} characters in total")

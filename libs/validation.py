@@ -56,6 +56,13 @@ def check_text(v: Violations, value: str, field_path: str, *, max_chars: int, re
         v.add(field_path, "must not contain control characters other than tab and newline")
 
 
+def check_no_nul(v: Violations, value: str, field_path: str) -> None:
+    """Free text as callers write it (prompts, answers, documents): any character but NUL, which no backend
+    or store of the mesh can carry; other control characters are the caller's business."""
+    if "\x00" in value:
+        v.add(field_path, "must not contain NUL characters")
+
+
 def check_labels(v: Violations, labels: Mapping[str, str], field_path: str, *, max_labels: int = MAX_LABELS,
                  max_key_chars: int = MAX_LABEL_KEY_CHARS, max_value_chars: int = MAX_LABEL_VALUE_CHARS,
                  text_values: bool = False) -> None:

@@ -8,6 +8,7 @@ from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
 from tollgate.common.v1 import common_pb2
 
 from libs.chat import (
+    MAX_PRICE_NANO_USD_PER_MTOK,
     messages_from_proto,
     params_from_proto,
     usage_from_proto,
@@ -17,7 +18,7 @@ from libs.chat import (
 )
 from libs.deadlines import Deadline
 from libs.errors import Violations
-from libs.validation import check_finite, check_name
+from libs.validation import check_finite, check_name, check_no_nul
 from services.cache.cache import ResponseCache
 from services.cache.domain import (
     CacheHit,
@@ -33,10 +34,9 @@ from services.cache.settings import CacheSettings
 
 # Hard caps on what a request may carry (entries over max_entry_bytes are accepted but not stored).
 MAX_CONTENT_CHARS = 1_048_576
-# Token counts of one generation (the limiter's max_estimated_tokens), and prices as the router caps them:
-# saved_nano_usd = price x tokens / 1e6 must stay far inside Redis's 64-bit counters.
+# Token counts of one generation (the limiter's max_estimated_tokens); with prices capped at
+# MAX_PRICE_NANO_USD_PER_MTOK, saved_nano_usd = price x tokens / 1e6 stays inside Redis's 64-bit counters.
 MAX_USAGE_TOKENS = 10_000_000
-MAX_PRICE_NANO_USD_PER_MTOK = 10**15
 
 _TIER_TO_PROTO = {TierKind.EXACT: common_pb2.CACHE_TIER_EXACT, TierKind.SEMANTIC: common_pb2.CACHE_TIER_SEMANTIC}
 
@@ -73,7 +73,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self._check_key(request.key, v)
         v.check(bool(request.content.strip()), "content", "must not be empty")
         v.check(len(request.content) <= MAX_CONTENT_CHARS, "content", f"at most {MAX_CONTENT_CHARS} characters")
-        v.check("\x00" not in request.content, "content", "must not contain NUL characters")
+        check_no_nul(v, request.content, "content")
         for name in ("input_tokens", "output_tokens", "cached_input_tokens"):
             v.check(getattr(request.usage, name) <= MAX_USAGE_TOKENS, f"usage.{name}",
                     f"must be at most {MAX_USAGE_TOKENS}")

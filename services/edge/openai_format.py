@@ -46,6 +46,7 @@ from libs.validation import (
     MAX_LABELS,
     check_labels,
     check_name,
+    check_no_nul,
     check_text,
 )
 
@@ -322,8 +323,9 @@ def _messages(value: object) -> list[common_pb2.ChatMessage]:
         total += len(content)
         if total > MAX_MESSAGE_CHARS:
             raise _bad("messages", f"messages exceed {MAX_MESSAGE_CHARS} characters in total")
-        if "\x00" in content:  # free text, but no backend or store can carry NUL (the router refuses it too)
-            raise _bad(f"messages[{i}].content", "must not contain NUL characters")
+        nul = Violations()  # free text, but no backend or store can carry NUL (the router refuses it too)
+        check_no_nul(nul, content, f"messages[{i}].content")
+        _raise_first(nul)
         out.append(common_pb2.ChatMessage(role=role, content=content, name=name or ""))
     return out
 

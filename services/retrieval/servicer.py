@@ -10,7 +10,7 @@ from tollgate.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from libs.deadlines import Deadline
 from libs.errors import Violations
-from libs.validation import check_labels, check_name
+from libs.validation import check_labels, check_name, check_no_nul
 from services.retrieval.chunking import ChunkingOptions
 from services.retrieval.index import Document, DocumentIndex
 from services.retrieval.settings import RetrievalSettings
@@ -57,13 +57,6 @@ def _check_tenant(v: Violations, tenant_id: str, path: str = "tenant_id") -> Non
 
 def _check_document_id(v: Violations, document_id: str, path: str) -> None:
     check_name(v, document_id, path, max_chars=MAX_DOCUMENT_ID_CHARS, required=True)
-
-
-def _check_free_text(v: Violations, text: str, path: str) -> None:
-    # Documents and queries are free text (form feeds and other controls occur in real corpora);
-    # only NUL is refused, as everywhere in the mesh.
-    if "\x00" in text:
-        v.add(path, "must not contain NUL characters")
 
 
 def _check_metadata(v: Violations, metadata: Mapping[str, str], path: str) -> None:
@@ -122,7 +115,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             elif len(doc.text.encode("utf-8")) > self._settings.max_document_bytes:
                 v.add(f"{path}.text", f"must be at most {self._settings.max_document_bytes} bytes")
             else:
-                _check_free_text(v, doc.text, f"{path}.text")
+                check_no_nul(v, doc.text, f"{path}.text")
             _check_metadata(v, doc.metadata, f"{path}.metadata")
             documents.append(Document(document_id=doc.document_id, text=doc.text, metadata=dict(doc.metadata)))
         chunking = self._chunking(v, request.chunking, f"{prefix}chunking")
@@ -174,7 +167,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         elif len(request.query) > self._settings.max_query_chars:
             v.add("query", f"must be at most {self._settings.max_query_chars} characters")
         else:
-            _check_free_text(v, request.query, "query")
+            check_no_nul(v, request.query, "query")
         if not 1 <= request.top_k <= self._settings.max_top_k:
             v.add("top_k", f"must be between 1 and {self._settings.max_top_k}")
         if request.mode not in _MODES:

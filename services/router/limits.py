@@ -15,6 +15,7 @@ from libs.chat import MAX_MESSAGE_NAME_CHARS as MAX_MESSAGE_NAME_CHARS
 from libs.chat import MAX_MESSAGES as MAX_MESSAGES
 from libs.chat import MAX_MESSAGES_CHARS as MAX_MESSAGES_CHARS
 from libs.chat import MAX_OUTPUT_TOKENS as MAX_OUTPUT_TOKENS
+from libs.chat import MAX_PRICE_NANO_USD_PER_MTOK as MAX_PRICE_NANO_USD_PER_MTOK
 from libs.chat import MAX_STOP_CHARS as MAX_STOP_CHARS
 from libs.chat import MAX_STOP_SEQUENCES as MAX_STOP_SEQUENCES
 from libs.validation import MAX_LABEL_KEY_CHARS, MAX_LABEL_VALUE_CHARS, MAX_LABELS
@@ -40,9 +41,8 @@ MAX_PROVIDER_CHARS = 64
 MAX_TARGET_CHARS = 1024  # RegisterModel inference_target (comma-separated host:port list)
 MAX_CONTEXT_WINDOW = 2**31 - 1  # PostgreSQL integer
 MAX_LIMIT_VALUE = 2**63 - 1  # SetLimits values (PostgreSQL bigint)
-# Prices and budgets: at most $1,000,000 per million tokens, so no request's cost can overflow the
-# ledger's bigint (1.1 M tokens x 10^15 nano-USD / 10^6 is ~10^15, far below 9.2 x 10^18).
-MAX_PRICE_NANO_USD_PER_MTOK = 10**15
+# Prices (MAX_PRICE_NANO_USD_PER_MTOK, from libs/chat.py): no request's cost can overflow the ledger's
+# bigint (1.1 M tokens x 10^15 nano-USD / 10^6 is ~10^15, far below 9.2 x 10^18).
 MAX_BUDGET_NANO_USD = 2**63 - 1
 MAX_AUDIT_TARGET_CHARS = 256
 MAX_AUDIT_ACTION_CHARS = 64
