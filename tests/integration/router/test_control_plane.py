@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,17 +11,8 @@ from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotF
 from libs.pg_migrations import migration_files
 from services.router.bootstrap import MIGRATIONS, DefaultModel, apply_migrations, bootstrap
 from services.router.control import ControlPlane
-from services.router.db import create_pool
 from services.router.keys import hash_key
 from services.router.registry import Registry
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await apply_migrations(database_url)
-    p = await create_pool(database_url)
-    yield p
-    await p.close()
 
 
 async def test_migrations_are_idempotent(database_url: str) -> None:

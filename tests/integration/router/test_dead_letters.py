@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc
 
 from libs.grpc_server import GrpcServer, ServiceBinding
-from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
+from services.router.bootstrap import DefaultModel, bootstrap
 from services.router.control import ControlPlane
-from services.router.db import create_pool
 from services.router.dead_letters import DeadLetterMonitor, DeadLetterStore, ReplayOutcome
 from services.router.keys import Authenticator, RevocationBus
 from services.router.ledger_health import LEDGER_HEALTH_SERVICE, LedgerHealth
@@ -37,35 +36,14 @@ from services.router.registry import Registry
 from services.router.servicer import AdminServicer
 from services.router.settings import RouterSettings
 from services.router.usage import GROUP, INT8, LedgerWriter, UsageEvent, UsageRecorder
+from tests.support.usage import usage_event
 
 ROOT = Path(__file__).resolve().parents[3]
 SECRET = "s3cr3t-value-9931"  # a value that must never show up in a reason
 
 
 def _event(request_id: str, cost: int = 1_000, **changes: object) -> UsageEvent:
-    now = datetime.now(UTC)
-    e = UsageEvent(request_id=request_id, started_at=now, finished_at=now, org_id="o", team_id="t", key_id="k",
-                   model="m", provider="p", input_tokens=10, output_tokens=5, cached_input_tokens=0,
-                   cost_nano_usd=cost, saved_nano_usd=0, price_version=1, cache_tier="miss", status="ok",
-                   error_reason="", latency_ms=3, degraded=False, labels={"team": "search"})
-    for name, value in changes.items():
-        setattr(e, name, value)
-    return e
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await apply_migrations(database_url)
-    p = await create_pool(database_url)
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
-    yield c
-    await c.aclose()
+    return usage_event(request_id, **{"cost_nano_usd": cost, "labels": {"team": "search"}, **changes})
 
 
 async def _refuse_negative_costs(pool: asyncpg.Pool) -> None:

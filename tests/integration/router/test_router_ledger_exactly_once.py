@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,32 +24,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from services.router.bootstrap import apply_migrations
 from services.router.db import create_pool
 from services.router.usage import GROUP, LedgerWriter, UsageEvent, UsageRecorder
+from tests.support.usage import usage_event
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def _event(request_id: str, cost: int = 1_000, *, status: str = "ok", saved: int = 0, tier: str = "miss",
            output_tokens: int = 5) -> UsageEvent:
-    now = datetime.now(UTC)
-    return UsageEvent(request_id=request_id, started_at=now, finished_at=now, org_id="o", team_id="t", key_id="k",
-                      model="m", provider="p", input_tokens=10, output_tokens=output_tokens, cached_input_tokens=0,
-                      cost_nano_usd=cost, saved_nano_usd=saved, price_version=1, cache_tier=tier, status=status,
-                      error_reason="", latency_ms=3, degraded=False)
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await apply_migrations(database_url)
-    p = await create_pool(database_url)
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-    yield c
-    await c.aclose()
+    return usage_event(request_id, cost_nano_usd=cost, status=status, saved_nano_usd=saved, cache_tier=tier,
+                       output_tokens=output_tokens)
 
 
 async def _totals(pool: asyncpg.Pool) -> tuple[int, int, int]:

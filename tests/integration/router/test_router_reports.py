@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -54,13 +53,6 @@ async def _seed(pool: asyncpg.Pool) -> dict[str, str]:
              for r, when, key, team, model, cost, saved, tier, status in rows])
     return ids
 
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await apply_migrations(database_url)
-    p = await create_pool(database_url)
-    yield p
-    await p.close()
 
 
 def _pngs(page: str) -> list[bytes]:

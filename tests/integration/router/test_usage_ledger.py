@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from services.router.bootstrap import apply_migrations
 from services.router.db import create_pool
 from services.router.usage import LedgerWriter, UsageEvent, UsageRecorder
+from tests.support.usage import usage_event
 
 
 def _event(request_id: str, cost: int = 100) -> UsageEvent:
-    now = datetime.now(UTC)
-    return UsageEvent(request_id=request_id, started_at=now, finished_at=now, org_id="o", team_id="t", key_id="k",
-                      model="m", provider="p", input_tokens=10, output_tokens=5, cached_input_tokens=0,
-                      cost_nano_usd=cost, saved_nano_usd=0, price_version=1, cache_tier="miss", status="ok",
-                      error_reason="", latency_ms=12, degraded=False, labels={"team": "search"})
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await apply_migrations(database_url)
-    p = await create_pool(database_url)
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    await c.aclose()
+    return usage_event(request_id, cost_nano_usd=cost, latency_ms=12, labels={"team": "search"})
 
 
 async def _ledger(pool: asyncpg.Pool) -> list[asyncpg.Record]:

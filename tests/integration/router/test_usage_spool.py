@@ -17,7 +17,6 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,35 +24,15 @@ import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from services.router.bootstrap import apply_migrations
-from services.router.db import create_pool
 from services.router.usage import LedgerWriter, UsageEvent, UsageRecorder
+from tests.support.usage import usage_event
 
 ROOT = Path(__file__).resolve().parents[3]
 DOWN_URL = "redis://127.0.0.1:1/0"  # nothing listens: every XADD fails at once and the event is spooled
 
 
 def _event(request_id: str, cost: int = 1_000) -> UsageEvent:
-    now = datetime.now(UTC)
-    return UsageEvent(request_id=request_id, started_at=now, finished_at=now, org_id="o", team_id="t", key_id="k",
-                      model="m", provider="p", input_tokens=10, output_tokens=5, cached_input_tokens=0,
-                      cost_nano_usd=cost, saved_nano_usd=0, price_version=1, cache_tier="miss", status="ok",
-                      error_reason="", latency_ms=3, degraded=False)
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await apply_migrations(database_url)
-    p = await create_pool(database_url)
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
-    yield c
-    await c.aclose()
+    return usage_event(request_id, cost_nano_usd=cost)
 
 
 @pytest.fixture

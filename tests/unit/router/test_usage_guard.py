@@ -21,19 +21,13 @@ from services.router.usage import (
     malformed_reason,
     refusal_reason,
 )
+from tests.support.usage import usage_event
 
 SECRET = "hunter2-label-value"
 
 
 def _event(**changes: object) -> UsageEvent:
-    now = datetime.now(UTC)
-    e = UsageEvent(request_id="r1", started_at=now, finished_at=now, org_id="o", team_id="t", key_id="k",
-                   model="m", provider="p", input_tokens=10, output_tokens=5, cached_input_tokens=0,
-                   cost_nano_usd=100, saved_nano_usd=0, price_version=1, cache_tier="miss", status="ok",
-                   error_reason="", latency_ms=3, degraded=False, labels={"team": "search"})
-    for name, value in changes.items():
-        setattr(e, name, value)
-    return e
+    return usage_event(**{"request_id": "r1", "cost_nano_usd": 100, "labels": {"team": "search"}, **changes})
 
 
 def test_an_ordinary_event_passes_the_guard_unchanged() -> None:
