@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from tollgate.cache.v1 import cache_pb2
 from tollgate.common.v1 import common_pb2
 
-from libs.grpc_server import GrpcServer
 from services.cache.server import build
 from services.cache.settings import CacheSettings
 from tests.support import infra
@@ -27,6 +26,7 @@ from tests.support.fuzz import (
     ServerErrorLog,
     fuzz_example,
     fuzz_settings,
+    served_channel,
 )
 from tests.unit.cache.cache_test_support import static_model_dir
 
@@ -61,15 +61,10 @@ async def channel(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[grp
                              embedding_model_dir=str(static_model_dir()),
                              data_dir=str(tmp_path_factory.mktemp("cache-fuzz")))
     bindings, close = await build(settings)
-    server = GrpcServer(settings, bindings)
-    port = await server.start()
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield ch
+        async with served_channel(settings, bindings, close) as ch:
+            yield ch
     finally:
-        await ch.close()
-        await server.stop(0)
-        await close()
         await infra.delete_redis_prefix(infra.REDIS_URL, prefix)
 
 

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from tollgate.common.v1 import common_pb2
 from tollgate.inference.v1 import inference_pb2
 
-from libs.grpc_server import GrpcServer
 from services.inference.server import build
 from services.inference.settings import InferenceSettings
 from tests.fake_provider import FakeProvider
@@ -29,6 +28,7 @@ from tests.support.fuzz import (
     ServerErrorLog,
     fuzz_example,
     fuzz_settings,
+    served_channel,
 )
 
 pytestmark = pytest.mark.fuzz
@@ -56,15 +56,8 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         settings = InferenceSettings(port=0, provider_base_url=fake.url, provider_name="fakeai",
                                      served_models="tiny=fake-small,other", context_window=4096)
         bindings, close = await build(settings)
-        server = GrpcServer(settings, bindings)
-        port = await server.start()
-        ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        try:
+        async with served_channel(settings, bindings, close) as ch:
             yield ch
-        finally:
-            await ch.close()
-            await server.stop(0)
-            await close()
 
 
 def test_every_rpc_is_fuzzed() -> None:

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from tollgate.retrieval.v1 import retrieval_pb2 as pb
 
 from libs import static_model as model_setup
-from libs.grpc_server import GrpcServer
 from services.retrieval.server import build
 from services.retrieval.settings import RetrievalSettings
 from tests.support.fuzz import (
@@ -29,6 +28,7 @@ from tests.support.fuzz import (
     call_raw,
     fuzz_example,
     fuzz_settings,
+    served_channel,
 )
 
 pytestmark = pytest.mark.fuzz
@@ -61,15 +61,8 @@ async def channel(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[grp
     settings = RetrievalSettings(port=0, data_dir=str(tmp_path_factory.mktemp("retrieval-fuzz")),
                                  max_document_bytes=65_536)
     bindings, close = await build(settings)
-    server = GrpcServer(settings, bindings)
-    port = await server.start()
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    async with served_channel(settings, bindings, close) as ch:
         yield ch
-    finally:
-        await ch.close()
-        await server.stop(0)
-        await close()
 
 
 def test_every_rpc_is_fuzzed() -> None:

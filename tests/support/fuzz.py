@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.strategies import SearchStrategy
 
 from libs.grpc_errors import status_proto_from_rpc
+from libs.grpc_server import GrpcServer
 
 FUZZ_EXAMPLES = int(os.environ.get("TOLLGATE_FUZZ_EXAMPLES", "1000"))
 FUZZ_RANDOM = os.environ.get("TOLLGATE_FUZZ_RANDOM", "") not in ("", "0")
@@ -300,3 +301,18 @@ async def call_raw(channel: grpc.aio.Channel, service: ServiceDescriptor, method
     except grpc.aio.AioRpcError as err:
         return check_rpc_error(err, where)
     return grpc.StatusCode.OK
+
+
+@contextlib.asynccontextmanager
+async def served_channel(settings: Any, bindings: Any, close: Callable[[], Awaitable[None]]
+                         ) -> AsyncIterator[grpc.aio.Channel]:
+    """A service's ``build()`` output served on a loopback port, and a channel to it; all closed afterwards."""
+    server = GrpcServer(settings, bindings)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await close()
