@@ -81,7 +81,7 @@ fuzz: setup
 	TOLLGATE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TOLLGATE_FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/fuzz
 
 lint: setup
-	$(VENV)/bin/ruff check libs services tests
+	$(VENV)/bin/ruff check libs services tests tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
 

@@ -18,7 +18,7 @@ _PRICES = {"vllm": (10_000_000, 30_000_000, 5_000_000), "http": (150_000_000, 60
 
 
 def _default_models(mesh: Mesh) -> list[object]:
-    from services.router.bootstrap import DefaultModel
+    from services.router.control.bootstrap import DefaultModel
 
     s = mesh.settings
     kind = "vllm" if s.inference_engine == "vllm" else "http"
@@ -32,7 +32,7 @@ def _default_models(mesh: Mesh) -> list[object]:
 async def bootstrap_mesh(mesh: Mesh) -> str | None:
     """Apply the schema and create the default org, team, model and price, before the router starts
     (so its first registry load already has them); returns a new admin key (None if one exists)."""
-    from services.router.bootstrap import apply_migrations, bootstrap
+    from services.router.control.bootstrap import apply_migrations, bootstrap
     from services.router.db import create_pool
 
     await apply_migrations(mesh.env["TOLLGATE_DATABASE_URL"])

@@ -82,7 +82,7 @@ class AdminApi:
         return await getattr(self.stub, method)(request, metadata=self._md, timeout=CALL_TIMEOUT_S)
 
     async def usage_report(self, start: datetime, end: datetime, group_by: list[str]) -> list[Any]:
-        from services.router.control import UsageRow
+        from services.router.control.plane import UsageRow
 
         resp = await self.call("GetUsageReport", admin_pb2.GetUsageReportRequest(
             start_time=_ts(start), end_time=_ts(end), group_by=[_GROUP[g] for g in group_by]))
@@ -90,14 +90,14 @@ class AdminApi:
                          r.cost_nano_usd, r.saved_nano_usd, r.cache_hits, r.errors, r.cancelled) for r in resp.rows]
 
     async def list_teams(self, org_id: str) -> list[Any]:
-        from services.router.control import Team
+        from services.router.control.plane import Team
 
         resp = await self.call("ListTeams", admin_pb2.ListTeamsRequest(org_id=org_id))
         return [Team(t.team_id, t.org_id, t.name, _dt(t.created_at)) for t in resp.teams]
 
     async def list_keys(self, org_id: str, team_id: str) -> list[Any]:
-        from services.router.control import KeyListing
-        from services.router.keys import KeyRecord
+        from services.router.control.keys import KeyRecord
+        from services.router.control.plane import KeyListing
 
         resp = await self.call("ListKeys", admin_pb2.ListKeysRequest(org_id=org_id, team_id=team_id))
         return [KeyListing(
@@ -158,7 +158,7 @@ async def _with_admin(args: argparse.Namespace, body: Callable[[AdminApi], Await
 
 
 async def _key_create(args: argparse.Namespace) -> int:
-    from services.router.keys import HASH_RATIONALE
+    from services.router.control.keys import HASH_RATIONALE
 
     async def body(api: AdminApi) -> int:
         expires = (_ts(datetime.now(UTC) + timedelta(days=args.expires_in_days)) if args.expires_in_days else None)
@@ -226,7 +226,7 @@ async def _collect_report(args: argparse.Namespace) -> Any:
 
     start, end = _report_range(args)
     if args.database_url:
-        from services.router.control import ControlPlane
+        from services.router.control.plane import ControlPlane
         from services.router.db import create_pool
 
         pool = await create_pool(args.database_url)

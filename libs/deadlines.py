@@ -40,6 +40,10 @@ class Deadline:
     def after(cls, seconds: float) -> Deadline:
         return cls(time.monotonic() + seconds, from_caller=True)
 
+    def within(self, seconds: float) -> Deadline:
+        """This deadline, or ``seconds`` from now if that is sooner: a short leash for a side call."""
+        return Deadline(min(self.expires_at, time.monotonic() + seconds), self.from_caller)
+
     def remaining(self) -> float:
         return self.expires_at - time.monotonic()
 

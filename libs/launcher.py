@@ -240,7 +240,7 @@ class Mesh:
         if s.inference_engine != "vllm":
             provider_url = s.provider_base_url
             if not provider_url:
-                fake = self._spawn("fake-provider", ["-m", "tests.fake_provider", "--port",
+                fake = self._spawn("fake-provider", ["-m", "tools.fake_provider", "--port",
                                                      str(s.fake_provider_port)], self.env)
                 provider_url = f"http://127.0.0.1:{s.fake_provider_port}/v1"
                 _wait_http(s.fake_provider_port, s.start_timeout_s, fake.proc)

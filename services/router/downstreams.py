@@ -31,10 +31,9 @@ from libs.chat import (
 from libs.clients import Downstream
 from libs.deadlines import Deadline
 from libs.rag_context import ContextChunk
-from services.router.gateway import CachedAnswer, CacheNamespace, Reservation
-from services.router.pricing import Price
-
-_TIERS = {common_pb2.CACHE_TIER_EXACT: "exact", common_pb2.CACHE_TIER_SEMANTIC: "semantic"}
+from services.router import vocabulary as vocab
+from services.router.control.pricing import Price
+from services.router.pipeline.ports import CachedAnswer, CacheNamespace, Reservation
 
 
 def _cache_key(ns: CacheNamespace, model: str, messages: list[ChatMessage],
@@ -62,7 +61,7 @@ class GrpcCacheClient:
                 input_nano_usd_per_mtok=price.input_per_mtok, output_nano_usd_per_mtok=price.output_per_mtok,
                 cached_input_nano_usd_per_mtok=price.cached_input_per_mtok))
         resp = await self._ds.unary(self._stub.Lookup, req, deadline)
-        tier = _TIERS.get(resp.tier)
+        tier = vocab.CACHE_TIER_FROM_PROTO.get(resp.tier)
         if tier is None:
             return None
         return CachedAnswer(resp.content, usage_from_proto(resp.usage), resp.model, tier, resp.stale)

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from libs.chat import Principal
-from services.router.control import KeyListing, UsageRow
+from services.router.control.plane import KeyListing, UsageRow
 from services.router.reporting import usd
 
 PERIODS = ("day", "month")

@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Protocol
 
-from services.router.control import KeyListing, Team, UsageRow
+from services.router.control.plane import KeyListing, Team, UsageRow
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -17,28 +17,32 @@ from libs.breaker import Breaker
 from libs.clients import Downstream
 from libs.grpc_server import ServiceBinding, run, serve_until_stopped
 from libs.settings import load_settings
-from services.router.bootstrap import apply_migrations
-from services.router.complexity import DEFAULT_MODEL_PATH, ComplexityModelError, ComplexityRouter
-from services.router.control import ControlPlane
+from services.router.control.admin_servicer import AdminServicer
+from services.router.control.bootstrap import apply_migrations
+from services.router.control.experiments import ExperimentBook, ExperimentStore
+from services.router.control.keys import RevocationBus
+from services.router.control.plane import ControlPlane
+from services.router.control.registry import Registry
 from services.router.db import create_pool
-from services.router.dead_letters import DeadLetterMonitor, DeadLetterStore
-from services.router.degradation import DegradationController, DegradationPolicy
 from services.router.downstreams import (
     GrpcCacheClient,
     GrpcInferenceClient,
     GrpcRateLimitClient,
     GrpcRetrievalClient,
 )
-from services.router.experiments import ExperimentBook, ExperimentStore
-from services.router.failover import RetryPolicy
-from services.router.gateway import AutoRouter, Gateway
-from services.router.keys import Authenticator, AuthLimits, RevocationBus
-from services.router.ledger_health import LedgerHealth
-from services.router.registry import Registry
-from services.router.servicer import AdminServicer, RouterServicer
+from services.router.ledger.dead_letters import DeadLetterMonitor, DeadLetterStore
+from services.router.ledger.health import LedgerHealth
+from services.router.ledger.spool import UsageRecorder
+from services.router.ledger.writer import LedgerWriter
+from services.router.pipeline.authenticate import Authenticator, AuthLimits
+from services.router.pipeline.complexity import DEFAULT_MODEL_PATH, ComplexityModelError, ComplexityRouter
+from services.router.pipeline.degradation import DegradationController, DegradationPolicy
+from services.router.pipeline.failover import RetryPolicy
+from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.ports import AutoRouter
+from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
+from services.router.servicer import RouterServicer
 from services.router.settings import RouterSettings
-from services.router.shedding import LoadShedder, SheddingPolicy
-from services.router.usage import LedgerWriter, UsageRecorder
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from libs import static_model
 from libs.static_embedding import StaticVectors
-from services.router.complexity import DEFAULT_MODEL_PATH, ComplexityRouter
-from services.router.complexity_training import (
+from services.router.pipeline.complexity import DEFAULT_MODEL_PATH, ComplexityRouter
+from tools.train_complexity import (
     CV_FOLDS,
     PRICE_PER_MTOK,
     QUALITY_TARGET,

@@ -50,15 +50,15 @@ from services.edge.server import uvicorn_config
 from services.edge.settings import EdgeSettings
 from services.ratelimit.server import build as build_ratelimit
 from services.ratelimit.settings import RateLimitSettings
-from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
-from services.router.control import ControlPlane
+from services.router.control.bootstrap import DefaultModel, apply_migrations, bootstrap
+from services.router.control.plane import ControlPlane
 from services.router.db import create_pool
 from services.router.server import build as build_router
 from services.router.settings import RouterSettings
-from tests.fake_provider import FakeProvider
 from tests.support import infra
 from tests.support.fuzz import FUZZ_EXAMPLES, fuzz_settings
 from tests.support.inference import inference_replica
+from tools.fake_provider import FakeProvider
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.timeout(120 + FUZZ_EXAMPLES // 5)]

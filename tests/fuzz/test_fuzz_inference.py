@@ -23,13 +23,13 @@ from tollgate.inference.v1 import inference_pb2
 
 from services.inference.server import build
 from services.inference.settings import InferenceSettings
-from tests.fake_provider import FakeProvider
 from tests.support.fuzz import (
     ServerErrorLog,
     fuzz_example,
     fuzz_settings,
     served_channel,
 )
+from tools.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.fuzz
 

@@ -37,13 +37,12 @@ from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import admin_pb2, router_pb2
 
 from libs.grpc_server import GrpcServer
-from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
-from services.router.control import ControlPlane
+from services.router.control.bootstrap import DefaultModel, apply_migrations, bootstrap
+from services.router.control.plane import ControlPlane
 from services.router.db import create_pool
+from services.router.ledger.events import GUARD_LABEL
 from services.router.server import build
 from services.router.settings import RouterSettings
-from services.router.usage import GUARD_LABEL
-from tests.fake_provider import FakeProvider
 from tests.support import infra
 from tests.support.fuzz import (
     assert_serving,
@@ -56,6 +55,7 @@ from tests.support.fuzz import (
 )
 from tests.support.inference import inference_replica
 from tests.support.proto_strategies import message_strategy
+from tools.fake_provider import FakeProvider
 
 SERVICES: tuple[ServiceDescriptor, ...] = (router_pb2.DESCRIPTOR.services_by_name["RouterService"],
                                            admin_pb2.DESCRIPTOR.services_by_name["AdminService"])

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from libs.grpc_server import GrpcServer
 from services.inference.server import build
 from services.inference.settings import InferenceSettings
-from tests.fake_provider import FakeProvider
+from tools.fake_provider import FakeProvider
 
 
 @asynccontextmanager

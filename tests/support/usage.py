@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from services.router.usage import UsageEvent
+from services.router.ledger.events import UsageEvent
 
 
 def usage_event(request_id: str = "r1", **changes: Any) -> UsageEvent:

@@ -11,7 +11,7 @@ from tollgate.inference.v1 import inference_pb2_grpc
 from libs.grpc_server import GrpcServer
 from services.inference.server import build
 from services.inference.settings import InferenceSettings
-from tests.fake_provider import FakeProvider
+from tools.fake_provider import FakeProvider
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from tollgate.common.v1 import common_pb2
 from tollgate.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from libs.grpc_errors import domain_error_from_rpc, status_proto_from_rpc
-from tests.fake_provider import ANSWER_PREFIX, FakeProvider
 from tests.integration.inference.conftest import serving
+from tools.fake_provider import ANSWER_PREFIX, FakeProvider
 
 USER = common_pb2.MESSAGE_ROLE_USER
 SYSTEM = common_pb2.MESSAGE_ROLE_SYSTEM

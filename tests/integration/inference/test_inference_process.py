@@ -11,9 +11,9 @@ import pytest
 from tollgate.common.v1 import common_pb2
 from tollgate.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from tests.fake_provider import ANSWER_PREFIX, FakeProvider
 from tests.support.infra import free_port
 from tests.support.procs import ServiceProcess
+from tools.fake_provider import ANSWER_PREFIX, FakeProvider
 
 API_KEY = "sk-process-test-key"
 PROMPT = "zebra quokka marmot"  # words that must never show up in the service's log

@@ -10,7 +10,7 @@ from services.inference.engine import USAGE_ESTIMATED, ServedModel
 from services.inference.model_setup import DEFAULT_DIR, is_prepared
 from services.inference.openai_http import OpenAIHttpEngine
 from services.inference.tokenizer import EstimatingCounter, HfTokenizerCounter, TokenCounter
-from tests.fake_provider import FakeProvider
+from tools.fake_provider import FakeProvider
 
 MESSAGES = [ChatMessage(Role.SYSTEM, "You are terse."), ChatMessage(Role.USER, "Name three rivers in Europe.")]
 

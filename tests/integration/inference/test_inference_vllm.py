@@ -206,9 +206,10 @@ async def test_router_stream_cancelled_mid_way_is_billed_for_the_tokens_the_engi
     """GenerateStream through the router's gateway and GrpcInferenceClient to the real engine: the client goes
     away after a few deltas; the engine request is aborted, the reservation is committed (not released) with
     the engine's own token count, and the ledger event says cancelled with that count."""
+    from services.router.control.registry import ModelEntry
     from services.router.downstreams import GrpcInferenceClient
-    from services.router.gateway import CachePolicy, Gateway, GenerateCommand, Summary
-    from services.router.registry import ModelEntry
+    from services.router.pipeline.gateway import Gateway
+    from services.router.pipeline.request import CachePolicy, GenerateCommand, Summary
     from tests.unit.router.test_gateway import KEY, Ledger, MemoryCache, MemoryLimiter, _registry
 
     settings = InferenceSettings(port=0, engine="vllm", served_models=MODEL_NAME, vllm_max_num_seqs=8,

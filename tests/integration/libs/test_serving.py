@@ -16,9 +16,9 @@ from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
 from tollgate.common.v1 import common_pb2
 from tollgate.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from tests.fake_provider.server import FakeProvider
 from tests.support.infra import free_port
 from tests.support.procs import ServiceProcess
+from tools.fake_provider.server import FakeProvider
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 

@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from services.router.bootstrap import apply_migrations
+from services.router.control.bootstrap import apply_migrations
 from services.router.db import create_pool
 
 

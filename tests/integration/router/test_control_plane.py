@@ -9,10 +9,10 @@ import pytest
 
 from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from libs.pg_migrations import migration_files
-from services.router.bootstrap import MIGRATIONS, DefaultModel, apply_migrations, bootstrap
-from services.router.control import ControlPlane
-from services.router.keys import hash_key
-from services.router.registry import Registry
+from services.router.control.bootstrap import MIGRATIONS, DefaultModel, apply_migrations, bootstrap
+from services.router.control.keys import hash_key
+from services.router.control.plane import ControlPlane
+from services.router.control.registry import Registry
 
 
 async def test_migrations_are_idempotent(database_url: str) -> None:

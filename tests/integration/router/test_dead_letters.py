@@ -27,15 +27,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc
 
 from libs.grpc_server import GrpcServer, ServiceBinding
-from services.router.bootstrap import DefaultModel, bootstrap
-from services.router.control import ControlPlane
-from services.router.dead_letters import DeadLetterMonitor, DeadLetterStore, ReplayOutcome
-from services.router.keys import Authenticator, RevocationBus
-from services.router.ledger_health import LEDGER_HEALTH_SERVICE, LedgerHealth
-from services.router.registry import Registry
-from services.router.servicer import AdminServicer
+from services.router.control.admin_servicer import AdminServicer
+from services.router.control.bootstrap import DefaultModel, bootstrap
+from services.router.control.keys import RevocationBus
+from services.router.control.plane import ControlPlane
+from services.router.control.registry import Registry
+from services.router.ledger.dead_letters import DeadLetterMonitor, DeadLetterStore, ReplayOutcome
+from services.router.ledger.events import INT8, UsageEvent
+from services.router.ledger.health import LEDGER_HEALTH_SERVICE, LedgerHealth
+from services.router.ledger.spool import UsageRecorder
+from services.router.ledger.writer import GROUP, LedgerWriter
+from services.router.pipeline.authenticate import Authenticator
 from services.router.settings import RouterSettings
-from services.router.usage import GROUP, INT8, LedgerWriter, UsageEvent, UsageRecorder
 from tests.support.usage import usage_event
 
 ROOT = Path(__file__).resolve().parents[3]

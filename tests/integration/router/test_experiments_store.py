@@ -19,10 +19,9 @@ from libs.chat import Principal
 from libs.errors import AlreadyExists, InvalidArgument, NotFound
 from libs.grpc_errors import domain_error_from_rpc
 from libs.grpc_server import GrpcServer, ServiceBinding
-from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
-from services.router.control import ControlPlane
-from services.router.db import create_pool
-from services.router.experiments import (
+from services.router.control.admin_servicer import AdminServicer
+from services.router.control.bootstrap import DefaultModel, apply_migrations, bootstrap
+from services.router.control.experiments import (
     DOWN,
     UP,
     ExperimentBook,
@@ -31,10 +30,12 @@ from services.router.experiments import (
     variant_label,
     welch_t_test,
 )
-from services.router.gateway import Gateway
-from services.router.keys import Authenticator
-from services.router.registry import Registry
-from services.router.servicer import AdminServicer, RouterServicer
+from services.router.control.plane import ControlPlane
+from services.router.control.registry import Registry
+from services.router.db import create_pool
+from services.router.pipeline.authenticate import Authenticator
+from services.router.pipeline.gateway import Gateway
+from services.router.servicer import RouterServicer
 from services.router.settings import RouterSettings
 
 ORG_A = Principal("org_a", "team_a", "key_a")

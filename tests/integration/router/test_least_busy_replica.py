@@ -10,8 +10,8 @@ import pytest
 from libs.chat import ChatMessage, GenerationParams, Role
 from libs.deadlines import Deadline
 from services.router.downstreams import GrpcInferenceClient
-from tests.fake_provider import FakeProvider
 from tests.support.inference import inference_replica
+from tools.fake_provider import FakeProvider
 
 
 async def test_new_work_goes_to_the_less_busy_replica(clean_env: None) -> None:

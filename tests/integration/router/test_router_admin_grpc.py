@@ -18,12 +18,13 @@ from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc
 
 from libs.grpc_server import GrpcServer, ServiceBinding
-from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
-from services.router.control import ControlPlane
+from services.router.control.admin_servicer import AdminServicer
+from services.router.control.bootstrap import DefaultModel, apply_migrations, bootstrap
+from services.router.control.keys import RevocationBus
+from services.router.control.plane import ControlPlane
+from services.router.control.registry import Registry
 from services.router.db import create_pool
-from services.router.keys import Authenticator, RevocationBus
-from services.router.registry import Registry
-from services.router.servicer import AdminServicer
+from services.router.pipeline.authenticate import Authenticator
 from services.router.settings import RouterSettings
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]

@@ -22,13 +22,14 @@ from tollgate.router.v1 import admin_pb2, admin_pb2_grpc
 from libs.grpc_errors import status_proto_from_rpc
 from libs.grpc_server import GrpcServer, ServiceBinding
 from services.router import limits as lim
-from services.router.bootstrap import DefaultModel, apply_migrations, bootstrap
-from services.router.control import ControlPlane
+from services.router.control.admin_servicer import AdminServicer
+from services.router.control.bootstrap import DefaultModel, apply_migrations, bootstrap
+from services.router.control.experiments import ExperimentStore
+from services.router.control.keys import RevocationBus
+from services.router.control.plane import ControlPlane
+from services.router.control.registry import Registry
 from services.router.db import create_pool
-from services.router.experiments import ExperimentStore
-from services.router.keys import Authenticator, RevocationBus
-from services.router.registry import Registry
-from services.router.servicer import AdminServicer
+from services.router.pipeline.authenticate import Authenticator
 from services.router.settings import RouterSettings
 
 

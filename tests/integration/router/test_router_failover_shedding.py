@@ -16,15 +16,16 @@ import pytest
 from libs.chat import ChatMessage, GenerationParams, Principal, Role
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, Overloaded
+from services.router.control.keys import KeyRecord
+from services.router.control.registry import ModelEntry
 from services.router.downstreams import GrpcInferenceClient
-from services.router.failover import RetryPolicy
-from services.router.gateway import CachePolicy, Gateway, GenerateCommand, Summary
-from services.router.keys import KeyRecord
-from services.router.registry import ModelEntry
-from services.router.shedding import LoadShedder, SheddingPolicy
-from tests.fake_provider import FakeProvider
+from services.router.pipeline.failover import RetryPolicy
+from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.request import CachePolicy, GenerateCommand, Summary
+from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
 from tests.support.inference import inference_replica
 from tests.unit.router.test_gateway import Ledger, MemoryCache, MemoryLimiter, _registry
+from tools.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.timeout(120)
 

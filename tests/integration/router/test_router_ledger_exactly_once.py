@@ -21,9 +21,11 @@ import pytest
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from services.router.bootstrap import apply_migrations
+from services.router.control.bootstrap import apply_migrations
 from services.router.db import create_pool
-from services.router.usage import GROUP, LedgerWriter, UsageEvent, UsageRecorder
+from services.router.ledger.events import UsageEvent
+from services.router.ledger.spool import UsageRecorder
+from services.router.ledger.writer import GROUP, LedgerWriter
 from tests.support.usage import usage_event
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -141,7 +143,7 @@ _WRITER_SCRIPT = """
 import asyncio, sys
 import redis.asyncio as redis
 from services.router.db import create_pool
-from services.router.usage import LedgerWriter
+from services.router.ledger.writer import LedgerWriter
 
 async def main(db, url, stream, consumer):
     pool = await create_pool(db)
@@ -228,7 +230,7 @@ async def test_bad_entries_are_set_aside_without_blocking_the_rest(
 
 async def test_failed_cancelled_and_cached_requests_all_land_with_their_amounts(
         pool: asyncpg.Pool, client: redis.Redis, redis_prefix: str, tmp_path: Path) -> None:
-    from services.router.control import ControlPlane
+    from services.router.control.plane import ControlPlane
 
     stream = f"{redis_prefix}usage"
     writer = LedgerWriter(client, pool, stream, consumer="w", block_ms=20)

@@ -18,14 +18,17 @@ import redis.asyncio as redis
 
 from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationParams, Principal, Role, TokenUsage
 from libs.deadlines import Deadline
-from services.router.bootstrap import apply_migrations
-from services.router.control import ControlPlane
+from services.router.control.bootstrap import apply_migrations
+from services.router.control.keys import KeyRecord
+from services.router.control.plane import ControlPlane
+from services.router.control.pricing import Price
+from services.router.control.registry import Registry
 from services.router.db import create_pool
-from services.router.gateway import CachedAnswer, CacheNamespace, Gateway, GenerateCommand, Reservation, Summary
-from services.router.keys import KeyRecord
-from services.router.pricing import Price
-from services.router.registry import Registry
-from services.router.usage import LedgerWriter, UsageRecorder
+from services.router.ledger.spool import UsageRecorder
+from services.router.ledger.writer import LedgerWriter
+from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.ports import CachedAnswer, CacheNamespace, Reservation
+from services.router.pipeline.request import GenerateCommand, Summary
 
 KEY = KeyRecord("key_1", Principal("org_1", "team_1", "key_1"), "member", (), None, False)
 # v1: $0.15 / $0.60 / $0.075 per M; v2 doubles everything.

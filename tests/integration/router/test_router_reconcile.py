@@ -20,8 +20,8 @@ from libs.cli_admin import RateLimitCounters
 from libs.grpc_server import GrpcServer
 from services.ratelimit.server import build
 from services.ratelimit.settings import RateLimitSettings
-from services.router.bootstrap import apply_migrations
-from services.router.control import ControlPlane
+from services.router.control.bootstrap import apply_migrations
+from services.router.control.plane import ControlPlane
 from services.router.db import create_pool
 from services.router.reconcile import reconcile
 

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from libs import cli_admin
-from services.router.bootstrap import apply_migrations
-from services.router.control import ControlPlane
+from services.router.control.bootstrap import apply_migrations
+from services.router.control.plane import ControlPlane
 from services.router.db import create_pool
 from services.router.reporting import collect, render_html, savings_chart, stacked_spend_chart, usd
 

@@ -15,10 +15,11 @@ import pytest
 import redis.asyncio as redis
 
 from libs.errors import Unauthenticated
-from services.router.bootstrap import apply_migrations
-from services.router.control import ControlPlane
+from services.router.control.bootstrap import apply_migrations
+from services.router.control.keys import RevocationBus
+from services.router.control.plane import ControlPlane
 from services.router.db import create_pool
-from services.router.keys import Authenticator, RevocationBus
+from services.router.pipeline.authenticate import Authenticator
 
 # The bound; measured latencies are printed (pytest -s) and asserted well under it.
 BOUND_S = 1.0

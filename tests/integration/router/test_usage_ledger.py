@@ -9,7 +9,9 @@ import pytest
 import redis.asyncio as redis
 
 from services.router.db import create_pool
-from services.router.usage import LedgerWriter, UsageEvent, UsageRecorder
+from services.router.ledger.events import UsageEvent
+from services.router.ledger.spool import UsageRecorder
+from services.router.ledger.writer import LedgerWriter
 from tests.support.usage import usage_event
 
 

@@ -24,7 +24,9 @@ import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from services.router.usage import LedgerWriter, UsageEvent, UsageRecorder
+from services.router.ledger.events import UsageEvent
+from services.router.ledger.spool import UsageRecorder
+from services.router.ledger.writer import LedgerWriter
 from tests.support.usage import usage_event
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -171,7 +173,8 @@ import asyncio, sys
 from datetime import UTC, datetime
 from pathlib import Path
 import redis.asyncio as redis
-from services.router.usage import UsageEvent, UsageRecorder
+from services.router.ledger.events import UsageEvent
+from services.router.ledger.spool import UsageRecorder
 
 async def main(spool_dir, stream, name, n):
     down = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)

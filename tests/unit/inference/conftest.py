@@ -7,8 +7,8 @@ import pytest
 from services.inference.anthropic_http import AnthropicHttpEngine
 from services.inference.engine import ServedModel
 from services.inference.openai_http import OpenAIHttpEngine
-from tests.fake_provider import FakeProvider
 from tests.unit.inference.support import API_KEY
+from tools.fake_provider import FakeProvider
 
 
 @pytest.fixture

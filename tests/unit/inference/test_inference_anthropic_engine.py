@@ -11,8 +11,8 @@ from libs.errors import DeadlineExceeded, QuotaExceeded, Unavailable
 from services.inference.anthropic_http import AnthropicHttpEngine, messages_body
 from services.inference.engine import ServedModel
 from services.inference.http_engine import PROVIDER_RATE_LIMITED
-from tests.fake_provider import ANSWER_PREFIX, FakeProvider
 from tests.unit.inference.support import API_KEY, collect, system, user
+from tools.fake_provider import ANSWER_PREFIX, FakeProvider
 
 
 async def test_happy_path_with_usage(anthropic_engine: AnthropicHttpEngine, fake: FakeProvider) -> None:

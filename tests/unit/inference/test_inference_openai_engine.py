@@ -15,9 +15,9 @@ from libs.tokens import estimate_tokens
 from services.inference.engine import USAGE_ESTIMATED, ServedModel
 from services.inference.http_engine import PROVIDER_RATE_LIMITED, parse_retry_after
 from services.inference.openai_http import OpenAIHttpEngine
-from tests.fake_provider import ANSWER_PREFIX, FILLER_WORD, FakeProvider, count_words
 from tests.support.infra import free_port
 from tests.unit.inference.support import collect, system, user
+from tools.fake_provider import ANSWER_PREFIX, FILLER_WORD, FakeProvider, count_words
 
 
 async def test_streams_deltas_then_usage(openai_engine: OpenAIHttpEngine, fake: FakeProvider) -> None:

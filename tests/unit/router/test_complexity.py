@@ -16,7 +16,7 @@ import pytest
 
 from libs import static_model
 from libs.chat import ChatMessage, Role
-from services.router.complexity import (
+from services.router.pipeline.complexity import (
     CHEAP,
     DEFAULT_MODEL_PATH,
     FEATURE_NAMES,

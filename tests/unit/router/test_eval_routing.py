@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from libs import static_model
-from services.router.complexity import DEFAULT_MODEL_PATH
-from services.router.complexity_training import (
+from services.router.pipeline.complexity import DEFAULT_MODEL_PATH
+from tests.bench.eval_routing import DATA, Evaluation, evaluate
+from tools.train_complexity import (
     Costs,
     Example,
     best_at_quality,
@@ -24,7 +25,6 @@ from services.router.complexity_training import (
     read_contaminated,
     sweep,
 )
-from tests.bench.eval_routing import DATA, Evaluation, evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -88,7 +88,7 @@ def test_contaminated_prompts_are_dropped() -> None:
 def test_shipped_model_was_trained_on_this_data() -> None:
     _need_data()
     recorded = json.loads(DEFAULT_MODEL_PATH.read_text())["training"]["data_fingerprint"]
-    assert recorded == data_fingerprint(DATA), "retrain: python -m services.router.complexity_training"
+    assert recorded == data_fingerprint(DATA), "retrain: python -m tools.train_complexity"
 
 
 def test_best_at_quality_picks_the_cheapest_point_that_keeps_quality() -> None:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from libs.errors import InvalidArgument
-from services.router.experiments import (
+from services.router.control.experiments import (
     METRICS,
     Experiment,
     ExperimentBook,

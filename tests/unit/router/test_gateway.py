@@ -20,20 +20,13 @@ from libs.chat import (
 from libs.deadlines import Deadline
 from libs.errors import InvalidArgument, PermissionDenied, QuotaExceeded, QuotaViolation, Unavailable
 from libs.rag_context import ContextChunk
-from services.router.gateway import (
-    CachedAnswer,
-    CacheNamespace,
-    CachePolicy,
-    Gateway,
-    GenerateCommand,
-    Reservation,
-    RetrievalPolicy,
-    Summary,
-)
-from services.router.keys import KeyRecord
-from services.router.pricing import Price
-from services.router.registry import ModelEntry, Registry, RegistrySnapshot
-from services.router.usage import UsageEvent
+from services.router.control.keys import KeyRecord
+from services.router.control.pricing import Price
+from services.router.control.registry import ModelEntry, Registry, RegistrySnapshot
+from services.router.ledger.events import UsageEvent
+from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.ports import CachedAnswer, CacheNamespace, Reservation
+from services.router.pipeline.request import CachePolicy, GenerateCommand, RetrievalPolicy, Summary
 
 PRICE = dict(input_per_mtok=1_000_000_000, output_per_mtok=2_000_000_000, cached_input_per_mtok=0)
 

@@ -12,13 +12,16 @@ import pytest
 from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationParams, Principal, Role, TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import InvalidArgument, Overloaded, QuotaExceeded, QuotaViolation, Unavailable
-from services.router.degradation import DegradationController, DegradationPolicy, Level
-from services.router.experiments import Experiment, ExperimentBook, Variant
-from services.router.failover import CONTEXT_WINDOW_EXCEEDED, RetryPolicy
-from services.router.gateway import CachedAnswer, Gateway, GenerateCommand, RouteDecision, Summary
-from services.router.keys import KeyRecord
-from services.router.registry import ModelEntry
-from services.router.shedding import LoadShedder, SheddingPolicy
+from services.router.control.experiments import Experiment, ExperimentBook, Variant
+from services.router.control.keys import KeyRecord
+from services.router.control.registry import ModelEntry
+from services.router.pipeline.complexity import RouteDecision
+from services.router.pipeline.degradation import DegradationController, DegradationPolicy, Level
+from services.router.pipeline.failover import CONTEXT_WINDOW_EXCEEDED, RetryPolicy
+from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.ports import CachedAnswer
+from services.router.pipeline.request import GenerateCommand, Summary
+from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
 from tests.unit.router.test_gateway import (
     BACKUP,
     KEY,
@@ -82,9 +85,9 @@ class Backends:
 
 def _gw(scripts: dict[str, list[str]], *models: ModelEntry, **kw: object) -> tuple[Gateway, Backends, MemoryCache]:
     backends, cache = Backends(scripts), MemoryCache()
-    gw = Gateway(registry=_registry(*(models or (PRIMARY, BACKUP))), cache=cache, ratelimit=MemoryLimiter(),
-                 inference=backends, usage=Ledger(), default_max_output_tokens=100, side_call_timeout_s=0.5,
-                 **kw)  # type: ignore[arg-type]
+    kw.setdefault("ratelimit", MemoryLimiter())
+    gw = Gateway(registry=_registry(*(models or (PRIMARY, BACKUP))), cache=cache, inference=backends, usage=Ledger(),
+                 default_max_output_tokens=100, side_call_timeout_s=0.5, **kw)  # type: ignore[arg-type]
     return gw, backends, cache
 
 
@@ -317,7 +320,7 @@ async def test_cache_hits_are_served_even_when_shedding() -> None:
 
 
 def _no_cache() -> object:
-    from services.router.gateway import CachePolicy
+    from services.router.pipeline.request import CachePolicy
 
     return CachePolicy(no_cache=True)
 
@@ -392,8 +395,8 @@ def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
 
 
 async def test_when_most_lookups_hit_the_reservation_waits_for_the_miss() -> None:
-    gw, _, cache = _gw({"t-primary": ["ok"]})
-    limiter = gw._ratelimit  # type: ignore[attr-defined]
+    limiter = MemoryLimiter()
+    gw, _, cache = _gw({"t-primary": ["ok"]}, ratelimit=limiter)
     await _run(gw, _cmd())  # stored
     for _ in range(40):  # a hit-heavy stream of requests
         await _run(gw, _cmd())

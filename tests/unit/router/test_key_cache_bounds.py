@@ -15,7 +15,8 @@ import pytest
 
 from libs.chat import Principal
 from libs.errors import QuotaExceeded, Unauthenticated, Unavailable
-from services.router.keys import Authenticator, AuthLimits, KeyRecord, TooManyAuthFailures, hash_key, new_key
+from services.router.control.keys import KeyRecord, hash_key, new_key
+from services.router.pipeline.authenticate import Authenticator, AuthLimits, TooManyAuthFailures
 
 # The numbers the docs quote (services/router/README.md): N failed lookups per source per window.
 N_FAILURES = 20

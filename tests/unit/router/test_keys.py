@@ -4,7 +4,8 @@ import pytest
 
 from libs.chat import Principal
 from libs.errors import PermissionDenied, Unauthenticated, Unavailable
-from services.router.keys import Authenticator, KeyRecord, hash_key, new_key, require_admin
+from services.router.control.keys import KeyRecord, hash_key, new_key, require_admin
+from services.router.pipeline.authenticate import Authenticator
 
 
 def _record(key_id: str = "key_1", **kw: object) -> KeyRecord:

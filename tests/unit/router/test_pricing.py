@@ -1,7 +1,7 @@
 from datetime import UTC, datetime, timedelta
 
 from libs.chat import TokenUsage
-from services.router.pricing import Price, price_at
+from services.router.control.pricing import Price, price_at
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -18,7 +18,8 @@ from libs.chat import Principal
 from libs.grpc_errors import status_proto_from_rpc
 from libs.grpc_server import GrpcServer, ServiceBinding
 from services.router import limits as lim
-from services.router.keys import Authenticator, AuthLimits, KeyRecord, hash_key, new_key
+from services.router.control.keys import KeyRecord, hash_key, new_key
+from services.router.pipeline.authenticate import Authenticator, AuthLimits
 from services.router.servicer import RouterServicer
 from services.router.settings import RouterSettings
 from tests.unit.router.test_gateway import Ledger, MemoryLimiter, _gateway

@@ -6,8 +6,8 @@ import json
 from datetime import UTC, datetime
 
 from libs.chat import Principal
-from services.router.control import KeyListing, UsageRow
-from services.router.keys import KeyRecord
+from services.router.control.keys import KeyRecord
+from services.router.control.plane import KeyListing, UsageRow
 from services.router.reconcile import SpendCounter, period_bounds, reconcile, roll_up
 from services.router.reporting import usd
 

@@ -8,7 +8,8 @@ import pytest
 
 from libs.chat import Principal
 from libs.errors import Unauthenticated, Unavailable
-from services.router.keys import HASH_ALGORITHM, HASH_RATIONALE, Authenticator, KeyRecord, hash_key, new_key
+from services.router.control.keys import HASH_ALGORITHM, HASH_RATIONALE, KeyRecord, hash_key, new_key
+from services.router.pipeline.authenticate import Authenticator
 
 
 def _record(key_id: str, revoked: bool = False) -> KeyRecord:

@@ -11,16 +11,9 @@ import asyncpg
 import pytest
 
 from libs.errors import InvalidArgument
-from services.router.dead_letters import DeadLetter, DeadLetterMonitor, event_problems, parse_repaired
-from services.router.usage import (
-    GUARD_LABEL,
-    INT4,
-    INT8,
-    UsageEvent,
-    guard_event,
-    malformed_reason,
-    refusal_reason,
-)
+from services.router.ledger.dead_letters import DeadLetter, DeadLetterMonitor, event_problems, parse_repaired
+from services.router.ledger.events import GUARD_LABEL, INT4, INT8, UsageEvent, guard_event
+from services.router.ledger.writer import malformed_reason, refusal_reason
 from tests.support.usage import usage_event
 
 SECRET = "hunter2-label-value"
@@ -127,7 +120,7 @@ class _Counts:
 
 
 async def test_the_monitor_publishes_every_count_and_logs_changes(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="services.router.dead_letters")
+    caplog.set_level(logging.INFO, logger="services.router.ledger.dead_letters")
     published: list[int] = []
 
     async def publish(n: int) -> None:

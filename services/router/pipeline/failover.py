@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from libs.errors import Overloaded, QuotaExceeded, TollgateError, Unavailable
-from services.router.registry import ModelEntry
+from services.router.control.registry import ModelEntry
 
 # ErrorInfo.reason the inference service gives a prompt longer than the model's context window.
 CONTEXT_WINDOW_EXCEEDED = "CONTEXT_WINDOW_EXCEEDED"

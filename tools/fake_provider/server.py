@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from tests.fake_provider.app import DEFAULT_MODELS, ProviderState, apply_control, create_app
+from tools.fake_provider.app import DEFAULT_MODELS, ProviderState, apply_control, create_app
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -61,7 +61,7 @@ class FakeProvider:
     async def wait_idle(self, timeout_s: float = 2.0) -> dict[str, Any]:
         """Wait until no generation is active (the provider noticed every disconnect); returns the state."""
         deadline = time.monotonic() + timeout_s
-        while self.state.active_streams and time.monotonic() < deadline:
+        while self.state.active_streams and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.01)
         return self.snapshot()
 
@@ -88,7 +88,7 @@ class FakeProvider:
         for connection in list(state.connections):
             connection.shutdown()  # idle keep-alive connections close now, busy ones after their response
         deadline = time.monotonic() + grace_s
-        while state.tasks and time.monotonic() < deadline:
+        while state.tasks and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.005)
         for task in list(state.tasks):
             task.cancel()

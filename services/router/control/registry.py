@@ -11,9 +11,12 @@ from datetime import datetime
 
 import asyncpg
 
+from services.router.control.pricing import Price, price_at
 from services.router.db import acquire
-from services.router.pricing import Price, price_at
 from services.router.tasks import reload_forever
+
+# The model name the complexity router answers to; no registered model may take it.
+AUTO_MODEL = "auto"
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,6 @@ class ModelEntry:
     def targets(self) -> list[str]:
         """The inference replicas serving this model (``inference_target`` may list several, comma-separated)."""
         return [t.strip() for t in self.inference_target.split(",") if t.strip()]
-
 
 @dataclass(frozen=True)
 class RegistrySnapshot:

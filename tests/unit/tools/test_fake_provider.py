@@ -5,15 +5,23 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 
-from tests.fake_provider import ANSWER_PREFIX, FakeProvider
 from tests.support.infra import free_port
 from tests.support.procs import ROOT
-from tests.unit.inference.support import API_KEY
+from tools.fake_provider import ANSWER_PREFIX, FakeProvider
 
+API_KEY = "sk-test-not-a-secret"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    async with FakeProvider(api_key=API_KEY) as fp:
+        yield fp
 
 
 async def test_control_api_and_non_streamed_answers(fake: FakeProvider) -> None:
@@ -66,7 +74,7 @@ async def test_anthropic_non_streamed_and_auth(fake: FakeProvider) -> None:
 
 def test_runs_as_a_process() -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fake_provider", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.fake_provider", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15

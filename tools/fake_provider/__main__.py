@@ -1,4 +1,4 @@
-"""``python -m tests.fake_provider --port 50060``: the fake LLM provider as a process."""
+"""``python -m tools.fake_provider --port 50060``: the fake LLM provider as a process."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 
 import uvicorn
 
-from tests.fake_provider.app import DEFAULT_MODELS, create_app
+from tools.fake_provider.app import DEFAULT_MODELS, create_app
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.fake_provider", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.fake_provider", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50060)
     parser.add_argument("--api-key", default=None, help="require this key (Bearer / x-api-key); default: any")

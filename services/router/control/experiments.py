@@ -40,7 +40,8 @@ from libs.chat import Principal
 from libs.errors import AlreadyExists, NotFound, Violations
 from libs.validation import check_name
 from services.router import limits
-from services.router.control import _audit
+from services.router.control.plane import _audit
+from services.router.control.registry import AUTO_MODEL
 from services.router.db import acquire
 from services.router.tasks import reload_forever
 
@@ -49,7 +50,6 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 VARIANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 MAX_VARIANTS = limits.MAX_VARIANTS
 MAX_MODEL_NAME = limits.MAX_MODEL_NAME_CHARS
-AUTO_MODEL = "auto"
 DEFAULT_ALPHA = 0.05
 MAX_REQUEST_ID = limits.MAX_REQUEST_ID_CHARS
 

@@ -1,4 +1,4 @@
-"""AdminService's dead-letter RPCs: protobuf <-> domain (services/router/dead_letters.py) only.
+"""AdminService's dead-letter RPCs: protobuf <-> domain (services/router/ledger/dead_letters.py) only.
 
 A mixin of ``AdminServicer`` (services/router/servicer.py), which provides ``_admin`` (the admin key
 check); the router's wiring hands it the store with ``serve_dead_letters``.
@@ -7,29 +7,20 @@ check); the router's wiring hands it the store with ``serve_dead_letters``.
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from tollgate.router.v1 import admin_pb2
 
 from libs.errors import FailedPrecondition, Violations
-from services.router.dead_letters import MAX_PAGE, DeadLetter, DeadLetterStore, ReplayOutcome
+from services.router import rpc
+from services.router import vocabulary as vocab
+from services.router.ledger.dead_letters import MAX_PAGE, DeadLetter, DeadLetterStore
 
-_OUTCOME = {ReplayOutcome.INSERTED: admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_INSERTED,
-            ReplayOutcome.ALREADY_IN_LEDGER: admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_ALREADY_IN_LEDGER,
-            ReplayOutcome.REFUSED: admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_REFUSED,
-            ReplayOutcome.NOT_FOUND: admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_NOT_FOUND}
 MAX_REPLAY_IDS = 1000
 MAX_ID_CHARS = 64  # a stream entry id is "<ms>-<seq>"
 MAX_EVENT_JSON_CHARS = 64 * 1024
 
-
-def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(dt)
-    return ts
 
 
 # "<ms>-<seq>" in ASCII digits, each part a 64-bit unsigned number: anything else Redis refuses ("Invalid
@@ -45,7 +36,8 @@ def _entry_id_ok(value: str) -> bool:
 
 def dead_letter_to_proto(d: DeadLetter) -> admin_pb2.DeadLetter:
     return admin_pb2.DeadLetter(id=d.id, request_id=d.request_id, reason=d.reason, event_json=d.event_json,
-                                source_entry_id=d.source_id, dead_time=_ts(d.dead_at) if d.dead_at else None,
+                                source_entry_id=d.source_id,
+                                dead_time=rpc.to_timestamp(d.dead_at) if d.dead_at else None,
                                 attempts=d.attempts)
 
 
@@ -91,6 +83,7 @@ class DeadLetterAdmin:
         store = self._store()
         results = await store.replay(actor, None if request.all else ids, request.repaired_event_json)
         return admin_pb2.ReplayDeadLettersResponse(
-            results=[admin_pb2.DeadLetterReplayResult(id=r.id, request_id=r.request_id, outcome=_OUTCOME[r.outcome],
+            results=[admin_pb2.DeadLetterReplayResult(id=r.id, request_id=r.request_id,
+                                                      outcome=vocab.REPLAY_OUTCOME_PROTO[r.outcome],
                                                       reason=r.reason, new_id=r.new_id) for r in results],
             remaining=await store.count())

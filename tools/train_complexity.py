@@ -1,6 +1,6 @@
 """Train the ``auto`` router's complexity classifier (``services/router/models/complexity.json``).
 
-    .venv/bin/python -m services.router.complexity_training --data ../shared/data \\
+    .venv/bin/python -m tools.train_complexity --data ../shared/data \\
         --out services/router/models/complexity.json
 
 Data (RouteLLM's evaluation sets, read from ``--data``; never copied into the project):
@@ -15,7 +15,7 @@ Label: the weak model did as well as the strong one (correct, or both wrong; jud
 one's). Only prompt text is read at routing time; answers and scores are labels.
 
 Learner: L2-regularised logistic regression (Newton's method, numpy; deterministic) over the
-heuristics of :mod:`services.router.complexity` and the static-embedding sentence vector, every
+heuristics of :mod:`services.router.pipeline.complexity` and the static-embedding sentence vector, every
 column standardised; the two blocks have their own L2 strength. The default threshold is the
 one that keeps >= 95% of strong-only quality on *both* data sets in 10-fold grouped cross-validation
 (the larger of the two per-data-set thresholds). ``tests/bench/eval_routing.py`` reports the same
@@ -43,7 +43,7 @@ from libs import static_model
 from libs.chat import ChatMessage, Role
 from libs.static_embedding import StaticVectors
 from libs.tokens import estimate_prompt_tokens
-from services.router.complexity import (
+from services.router.pipeline.complexity import (
     CHEAP,
     DEFAULT_MODEL_PATH,
     FEATURE_NAMES,
@@ -57,7 +57,7 @@ from services.router.complexity import (
 )
 
 F64 = npt.NDArray[np.float64]
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEAK_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG_MODEL = "gpt-4-1106-preview"
 DATASETS = ("gsm8k", "mt_bench")
@@ -438,7 +438,7 @@ def train(data: Path, out: Path, embedding_dir: Path | None = None, log: Callabl
                       "input": "user turns, last first, joined by newlines", "probes": probes},
         "default_threshold": default_threshold,
         "training": {
-            "command": "python -m services.router.complexity_training --data ../shared/data "
+            "command": "python -m tools.train_complexity --data ../shared/data "
                        "--out services/router/models/complexity.json",
             "data": ["routellm/gsm8k/gsm8k_responses.csv", "routellm/mt_bench/judgements.jsonl",
                      "routellm/mt_bench/question.jsonl"],

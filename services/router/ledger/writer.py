@@ -13,7 +13,7 @@ Guarantees (DESIGN.md step 10):
   is always billed;
 - an entry that cannot be parsed or that PostgreSQL still refuses is moved to ``<stream>:dead`` with
   the reason (class, SQLSTATE, column; never values), in the same MULTI/EXEC as the acknowledgement,
-  never retried forever in front of the good ones and never silent: services/router/dead_letters.py
+  never retried forever in front of the good ones and never silent: services/router/ledger/dead_letters.py
   lists, counts (health) and replays them.
 
 Exactly once, by layer: spool -> stream, each spooled line is added once (a progress marker per file);
@@ -24,17 +24,9 @@ exactly once per request id (``ON CONFLICT (request_id) DO NOTHING``), which als
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import json
 import logging
-import os
 import re
-import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -42,214 +34,19 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
 from services.router.db import CONNECTION_ERRORS
+from services.router.ledger.events import (
+    GUARD_LABEL,
+    MALFORMED,
+    MALFORMED_OR_NOT_AN_OBJECT,
+    UsageEvent,
+    guard_event,
+    utcnow,
+)
 from services.router.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
 GROUP = "ledger"
-
-
-@dataclass
-class UsageEvent:
-    request_id: str
-    started_at: datetime
-    finished_at: datetime
-    org_id: str
-    team_id: str
-    key_id: str
-    model: str
-    provider: str
-    input_tokens: int
-    output_tokens: int
-    cached_input_tokens: int
-    cost_nano_usd: int
-    saved_nano_usd: int
-    price_version: int | None
-    cache_tier: str  # "miss" | "exact" | "semantic" | "none"
-    status: str  # "ok" | "cancelled" | "error" | "rejected"
-    error_reason: str
-    latency_ms: int
-    degraded: bool
-    variant: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["started_at"] = self.started_at.isoformat()
-        data["finished_at"] = self.finished_at.isoformat()
-        return json.dumps(data, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> UsageEvent:
-        data: dict[str, Any] = json.loads(raw)
-        data["started_at"] = datetime.fromisoformat(data["started_at"])
-        data["finished_at"] = datetime.fromisoformat(data["finished_at"])
-        return cls(**data)
-
-
-# What parsing a stream entry into a UsageEvent can raise (RecursionError: absurdly nested JSON).
-MALFORMED: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, RecursionError)
-_MALFORMED_OR_NOT_AN_OBJECT: tuple[type[BaseException], ...] = (*MALFORMED, AttributeError)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class UsageRecorder:
-    """Appends events to the stream; spools to a local file while Redis is unreachable.
-
-    The spool folder may be shared by several router processes (and recorders). Exactly-once into the
-    stream, whatever a replay races with:
-    - writers append to ``usage-spool-<pid>.jsonl`` while holding an exclusive ``flock`` on
-      ``spool.lock`` (one lock for the folder, so it also covers other processes and threads);
-    - a replay first renames every ``*.jsonl`` to a unique ``*.replaying`` name under that same lock, so
-      no writer can append to a file being replayed: the next write creates a fresh file;
-    - a ``*.replaying`` file is replayed by one replayer at a time (a non-blocking ``flock`` on the file
-      itself, released by the kernel if that process dies), in chunks: each chunk's XADDs and a progress
-      marker ``<stream>:spooled:<file name>`` (lines delivered so far) are one MULTI/EXEC, so a replay that
-      dies after XADD and before the unlink resumes after what it delivered, instead of adding it again;
-    - the file is removed only after every line is in the stream; then the marker.
-    If the marker itself is lost (Redis lost data, or it expired after ``MARKER_TTL_S``), the lines come
-    again and the ledger's request-id key still keeps one row each.
-    """
-
-    CHUNK = 500
-    MARKER_TTL_S = 7 * 24 * 3600
-
-    def __init__(self, client: redis.Redis, stream_key: str, spool_dir: Path):
-        self._redis = client
-        self._stream = stream_key
-        self._spool_dir = spool_dir
-        self._replay_lock = asyncio.Lock()  # one replay at a time in this recorder (the files lock the rest)
-
-    @property
-    def spool_path(self) -> Path:
-        return self._spool_dir / f"usage-spool-{os.getpid()}.jsonl"
-
-    async def record(self, event: UsageEvent) -> None:
-        payload = event.to_json()
-        try:
-            await self._redis.xadd(self._stream, {"e": payload})
-        except (RedisError, OSError):
-            # An XADD whose reply was lost may have been applied: then the event is in the stream and in
-            # the spool, and the ledger's request-id key keeps it once.
-            await self._spool(payload)
-
-    async def _spool(self, payload: str) -> None:
-        # fsync: the event must survive the process dying before Redis returns.
-        await asyncio.to_thread(_append_spooled, self._spool_dir, self.spool_path, payload)
-        log.warning("redis unavailable: usage event spooled locally")
-
-    async def replay_spool(self) -> int:
-        """Move spooled events (from any process, earlier or running) into the stream; returns how many."""
-        moved = 0
-        async with self._replay_lock:
-            if not self._spool_dir.exists():
-                return 0
-            await asyncio.to_thread(_rotate_spool_files, self._spool_dir)
-            for path in sorted(self._spool_dir.glob(f"usage-spool-*{_REPLAYING}")):
-                moved += await self._replay_file(path)
-        if moved:
-            log.info("replayed %d spooled usage events", moved)
-        return moved
-
-    async def _replay_file(self, path: Path) -> int:
-        fd = await asyncio.to_thread(_claim, path)
-        if fd is None:
-            return 0  # another replayer has it, or it is already gone
-        try:
-            lines = await asyncio.to_thread(_read_lines, fd)
-            marker = f"{self._stream}:spooled:{path.name}"
-            done = int(await self._redis.get(marker) or 0)
-            for start in range(done, len(lines), self.CHUNK):
-                chunk = lines[start:start + self.CHUNK]
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    for line in chunk:
-                        pipe.xadd(self._stream, {"e": line})
-                    pipe.set(marker, start + len(chunk), ex=self.MARKER_TTL_S)
-                    await pipe.execute()
-            # Unlink while holding the file's lock: a replayer that opened it meanwhile finds it gone.
-            await asyncio.to_thread(path.unlink)
-            await self._redis.delete(marker)
-            return len(lines) - done
-        finally:
-            os.close(fd)
-
-    async def replay_forever(self, every_s: float = 2.0) -> None:
-        while True:
-            raise_if_cancelling()
-            await asyncio.sleep(every_s)
-            if not self._spool_dir.exists():
-                continue
-            with contextlib.suppress(RedisError, OSError):  # still down: try again later
-                await self.replay_spool()
-
-
-_REPLAYING = ".replaying"
-_LOCK_FILE = "spool.lock"
-
-
-@contextlib.contextmanager
-def _folder_lock(spool_dir: Path) -> Iterator[None]:
-    """Exclusive across processes and threads (each call opens its own file description)."""
-    fd = os.open(spool_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _append_spooled(spool_dir: Path, path: Path, line: str) -> None:
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(spool_dir), open(path, "a+b") as f:
-        data = (line + "\n").encode("utf-8")
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # an earlier write was cut short (disk full): keep this line whole
-                data = b"\n" + data
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rotate_spool_files(spool_dir: Path) -> None:
-    """Rename every file writers append to; the next write starts a new one."""
-    with _folder_lock(spool_dir):
-        for path in spool_dir.glob("usage-spool-*.jsonl"):
-            path.rename(path.with_name(f"{path.stem}-{uuid.uuid4().hex}{_REPLAYING}"))
-    _fsync_dir(spool_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _claim(path: Path) -> int | None:
-    """An open descriptor holding the file's exclusive lock, or None if another replayer holds it or it is
-    gone (replayed and removed since it was listed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:
-            raise FileNotFoundError(path)
-    except (BlockingIOError, FileNotFoundError):
-        os.close(fd)
-        return None
-    return fd
-
-
-def _read_lines(fd: int) -> list[str]:
-    with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as f:
-        return [ln for ln in f.read().splitlines() if ln.strip()]
 
 
 INSERT_LEDGER_ROW = """
@@ -270,65 +67,6 @@ def ledger_row(e: UsageEvent) -> tuple[Any, ...]:
             e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cost_nano_usd, e.saved_nano_usd,
             e.price_version, e.cache_tier, e.status, e.error_reason, e.latency_ms, e.degraded, e.variant,
             json.dumps(e.labels))
-
-
-# --- what the ledger's column types could refuse ----------------------------------------------------
-# The router validates requests (libs/validation.py) so none of this should happen; the writer still must
-# not lose a served request's bill over a value PostgreSQL cannot store. A value is made storable, the
-# row keeps its cost, and the label `ledger_guard` names the fields that were changed (logged by id).
-INT4 = (-(2**31), 2**31 - 1)
-INT8 = (-(2**63), 2**63 - 1)
-_INT4_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "latency_ms")  # integer columns
-_INT8_FIELDS = ("cost_nano_usd", "saved_nano_usd", "price_version")  # bigint columns
-_TEXT_FIELDS = ("org_id", "team_id", "key_id", "model", "provider", "cache_tier", "status", "error_reason",
-                "variant")
-GUARD_LABEL = "ledger_guard"
-
-
-def _storable_text(value: str) -> str:
-    # text and jsonb refuse NUL (and a lone surrogate cannot be encoded as UTF-8 at all).
-    cleaned = value.replace("\x00", "\ufffd")
-    try:
-        cleaned.encode("utf-8")
-    except UnicodeEncodeError:
-        cleaned = cleaned.encode("utf-8", "replace").decode("utf-8")
-    return cleaned
-
-
-def _clamp(value: int, bounds: tuple[int, int]) -> int:
-    return min(max(value, bounds[0]), bounds[1])
-
-
-def guard_event(e: UsageEvent) -> tuple[UsageEvent, list[str]]:
-    """The event with every value storable in ``usage_ledger``, and the names of the fields that changed.
-
-    Not changed: the request id (it is the row's identity: an id PostgreSQL refuses stays refused, visible in
-    the dead-letter stream) and values of the wrong type (only a hand-edited event can have them)."""
-    changes: dict[str, Any] = {}
-    for name in _INT4_FIELDS + _INT8_FIELDS:
-        value = getattr(e, name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            clamped = _clamp(value, INT4 if name in _INT4_FIELDS else INT8)
-            if clamped != value:
-                changes[name] = clamped
-    for name in _TEXT_FIELDS:
-        value = getattr(e, name)
-        if isinstance(value, str) and _storable_text(value) != value:
-            changes[name] = _storable_text(value)
-    for name in ("started_at", "finished_at"):
-        value = getattr(e, name)
-        if isinstance(value, datetime) and value.tzinfo is None:  # timestamptz: a naive time is taken as UTC
-            changes[name] = value.replace(tzinfo=UTC)
-    if isinstance(e.labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in e.labels.items()):
-        labels = {_storable_text(k): _storable_text(v) for k, v in e.labels.items()}
-        if labels != e.labels:
-            changes["labels"] = labels
-    if not changes:
-        return e, []
-    fields = sorted(changes)
-    labels = changes.get("labels", e.labels)
-    changes["labels"] = {**(labels if isinstance(labels, dict) else {}), GUARD_LABEL: ",".join(fields)}
-    return replace(e, **changes), fields
 
 
 # --- why a row was refused, without its values -------------------------------------------------------
@@ -378,7 +116,7 @@ BAD_ROW: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.Integrity
 def _request_id_of(raw: str | bytes) -> str:
     try:
         rid = str(json.loads(raw).get("request_id", ""))
-    except _MALFORMED_OR_NOT_AN_OBJECT:
+    except MALFORMED_OR_NOT_AN_OBJECT:
         return ""
     # A forged "\\ud800" would make the dead-letter XADD itself fail (and block the stream behind it).
     return rid.encode("utf-8", "replace").decode("utf-8")

@@ -16,8 +16,8 @@ import asyncpg
 
 from libs.chat import Principal
 from libs.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Violations
+from services.router.control.keys import KEY_TIERS, KeyRecord, display_prefix, hash_key, new_key
 from services.router.db import acquire
-from services.router.keys import KEY_TIERS, KeyRecord, display_prefix, hash_key, new_key
 
 SCOPES = ("global", "org", "team", "key", "client_ip")
 GROUP_COLUMNS = {"org": "org_id", "team": "team_id", "key": "key_id", "model": "model",

@@ -14,7 +14,7 @@ Two rules come first: a request without any user text goes cheap, one with a fen
 System prompts and assistant turns are not read.
 
 The model is our own small artifact, ``services/router/models/complexity.json``, written by
-``python -m services.router.complexity_training`` (how, and on what, is recorded in the file;
+``python -m tools.train_complexity`` (how, and on what, is recorded in the file;
 ``services/router/models/README.md``). Run time needs numpy, ``tokenizers`` and ``safetensors``:
 no training library. Measured quality: ``tests/bench/eval_routing.py`` (docs/benchmarks.md).
 """
@@ -314,7 +314,7 @@ class ComplexityRouter:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise ComplexityModelError(f"complexity model not found at {path} "
-                                       "(python -m services.router.complexity_training writes it)") from None
+                                       "(python -m tools.train_complexity writes it)") from None
         except (OSError, ValueError) as exc:
             raise ComplexityModelError(f"complexity model {path} is unreadable: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:

@@ -35,18 +35,9 @@ from redis.exceptions import RedisError
 
 from libs.errors import Unavailable, Violations
 from services.router.db import acquire
+from services.router.ledger.events import MALFORMED, UsageEvent, guard_event, utcnow
+from services.router.ledger.writer import BAD_ROW, INSERT_LEDGER_ROW, ledger_row, malformed_reason, refusal_reason
 from services.router.tasks import raise_if_cancelling
-from services.router.usage import (
-    BAD_ROW,
-    INSERT_LEDGER_ROW,
-    MALFORMED,
-    UsageEvent,
-    guard_event,
-    ledger_row,
-    malformed_reason,
-    refusal_reason,
-    utcnow,
-)
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Signals, both cheap to read on the request path:
 - the backend error rate over a sliding window (every inference attempt reports its outcome);
 - load pressure in [0, 1+]: the router's own in-flight generations against its capacity, and the
-  inference replicas' queues (see :class:`services.router.shedding.LoadShedder`).
+  inference replicas' queues (see :class:`services.router.pipeline.shedding.LoadShedder`).
 
 The level moves **down at once** when a signal crosses its threshold and **up slowly**: one level
 at a time, and only after the signals have stayed healthy for ``recover_s`` without a break.

@@ -8,9 +8,9 @@ from pathlib import Path
 import asyncpg
 
 from libs.pg_migrations import migrate
-from services.router.control import ControlPlane
+from services.router.control.plane import ControlPlane
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 BOOTSTRAP_ACTOR = "bootstrap"
 
 

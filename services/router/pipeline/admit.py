@@ -1,0 +1,109 @@
+"""Stage 5, admit: may this request use a backend now, and is it within its limits and budget?
+
+- the degradation level (full, reduced, cache-only), from the recent backend error rate and load;
+- priority shedding: the key's tier, lowered by the request's priority, against the in-flight load;
+- the reservation: the ratelimit service checks every rate limit and every USD budget (key, team, org)
+  for the estimated tokens and cost, and holds them until accounting commits the real figures. **This is
+  where the budget is checked.** A budget at 100 % refuses (``BUDGET_EXHAUSTED``); at 95 % the reservation
+  asks the route to move to a cheaper model.
+
+The reservation may start while the cache lookup runs (see :meth:`AdmitStage.may_reserve_early`), so a
+miss pays one round trip instead of two. Fail open: an unreachable limiter admits the request, marked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AbstractContextManager, nullcontext
+
+from libs.chat import TokenUsage
+from libs.deadlines import Deadline
+from libs.errors import DeadlineExceeded, QuotaExceeded, Unavailable
+from services.router.pipeline.degradation import DegradationController, Level
+from services.router.pipeline.ports import RateLimitClient
+from services.router.pipeline.request import RequestState
+from services.router.pipeline.shedding import LoadShedder
+
+log = logging.getLogger(__name__)
+
+# ErrorInfo.reason the ratelimit service gives a reserve refused by a USD budget.
+BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+# Reserve concurrently with the cache lookup while fewer than this share of lookups hit.
+SPECULATE_BELOW_HIT_RATE = 0.5
+
+
+def is_budget_exhausted(exc: QuotaExceeded) -> bool:
+    return exc.reason == BUDGET_EXHAUSTED
+
+
+class AdmitStage:
+    def __init__(self, ratelimit: RateLimitClient, *, default_max_output_tokens: int, side_timeout_s: float,
+                 degradation: DegradationController | None = None, shedder: LoadShedder | None = None):
+        self._ratelimit = ratelimit
+        self._default_max_output = default_max_output_tokens
+        self._side_timeout_s = side_timeout_s
+        self._degradation = degradation
+        self._shedder = shedder
+
+    def level(self) -> Level:
+        return self._degradation.evaluate() if self._degradation else Level.FULL
+
+    def may_reserve_early(self, state: RequestState, tier: str, *, hit_rate: float, looking_up: bool) -> bool:
+        """Reserve while the lookup runs? Only while most lookups miss (a hit releases the reservation: two
+        wasted calls), and not when the request could not go on anyway: shed by priority, or cache-only
+        (where only a miss may become the probe)."""
+        speculate = not looking_up or hit_rate < SPECULATE_BELOW_HIT_RATE
+        return (state.level != Level.CACHE_ONLY and speculate
+                and (self._shedder is None or self._shedder.would_admit(tier)))
+
+    def start_reservation(self, state: RequestState, deadline: Deadline) -> None:
+        state.reserving = asyncio.ensure_future(self._reserve(state, deadline))
+
+    async def reserve(self, state: RequestState, deadline: Deadline) -> None:
+        """The reservation (the one started early, or a new one). Raises QuotaExceeded when a limit or
+        budget refuses (RESOURCE_EXHAUSTED, QuotaFailure naming the level, RetryInfo = window reset)."""
+        await (state.reserving or self._reserve(state, deadline))
+
+    async def _reserve(self, state: RequestState, deadline: Deadline) -> None:
+        cmd = state.cmd
+        max_out = cmd.params.max_output_tokens or self._default_max_output
+        estimate = TokenUsage(state.prompt_tokens(), max_out)
+        try:
+            state.reservation = await self._ratelimit.reserve(
+                state.key.principal, cmd.client_ip, state.request_id, estimate.total,
+                state.price.cost(estimate), deadline.within(self._side_timeout_s))
+        except (Unavailable, DeadlineExceeded) as exc:
+            # Fail open: the limiter being down must not take the gateway down (DESIGN: local limiter
+            # stands in; until that lands the request is admitted and marked).
+            log.warning("ratelimit unavailable (%s): admitting request %s unreserved", exc.reason,
+                        state.request_id)
+            state.degrade("ratelimit_unavailable", "admitted without a limit check (limiter unreachable)")
+            return
+        if state.reservation.degraded:
+            state.degrade("ratelimit_unavailable", "the limiter ran without its store")
+
+    def require_probe(self) -> None:
+        """In cache-only mode a miss goes on only as the interval's probe (its answer tells the controller
+        whether the backends are back); any other miss is refused."""
+        assert self._degradation is not None
+        if not self._degradation.allow_probe():
+            raise Unavailable(
+                f"the gateway is serving cached answers only ({self._degradation.reason}) and has none "
+                "for this request; retry shortly", reason="CACHE_ONLY",
+                retry_after_s=self._degradation.retry_after_s)
+
+    def shed(self, tier: str) -> AbstractContextManager[object]:
+        """Holds a place in the load shedder while the request uses a backend (raises Overloaded when its
+        tier is being shed)."""
+        return self._shedder.admit(tier) if self._shedder else nullcontext()
+
+    def reduced_mode(self) -> tuple[str, str]:
+        """(reason code, detail) for a request served in reduced mode."""
+        assert self._degradation is not None
+        return self._degradation.reason_code, f"reduced mode: {self._degradation.reason}"
+
+    def observe(self, *, failed: bool) -> None:
+        """A backend call's outcome, for the degradation controller."""
+        if self._degradation is not None:
+            self._degradation.record(failed=failed)
