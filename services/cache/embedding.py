@@ -13,19 +13,18 @@ files are the ones ``model2vec``'s ``save_pretrained`` writes, loaded by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
-import numpy.typing as npt
 
+from libs.embedding import F32, Embedder, unit_rows
 from libs.static_embedding import MAX_PIECES, StaticVectors
 
-F32 = npt.NDArray[np.float32]
-
 # Word pieces past MAX_PIECES (512) are ignored: a cache prompt this long is matched exactly or not at all.
-__all__ = ["MAX_PIECES", "Analysis", "Embedder", "StaticEmbedder"]
+__all__ = ["F32", "MAX_PIECES", "Analysis", "AnalyzingEmbedder", "StaticEmbedder"]
 
 
 @dataclass(frozen=True)
@@ -42,23 +41,17 @@ class Analysis:
     word_weights: F32
 
 
-class Embedder(Protocol):
-    @property
-    def dim(self) -> int: ...
+@runtime_checkable
+class AnalyzingEmbedder(Embedder, Protocol):
+    """``libs.embedding.Embedder`` plus what the semantic tier needs: a prompt's words and their vectors."""
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the vector space: entries stored under another one are never compared."""
+        """Identifies the vector space (the same as ``name``): entries stored under another one are never
+        compared; the verifier records the one it was trained with."""
         ...
 
     def analyze(self, text: str) -> Analysis: ...
-
-
-def _unit_rows(m: F32) -> F32:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    out: F32 = (m / norms).astype(np.float32)
-    return out
 
 
 class StaticEmbedder:
@@ -69,7 +62,7 @@ class StaticEmbedder:
         self._vectors = StaticVectors(path)
         self._tokenizer = self._vectors.tokenizer
         self._table: F32 = self._vectors.table
-        self._unit_table = _unit_rows(self._table)
+        self._unit_table = unit_rows(self._table)
         self._normalize = self._vectors.normalize
         self._unk = self._vectors.unk
         self._fingerprint = self._vectors.fingerprint
@@ -81,6 +74,17 @@ class StaticEmbedder:
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    @property
+    def name(self) -> str:
+        return self._fingerprint
+
+    def embed(self, texts: Sequence[str]) -> F32:
+        """The sentence vectors of ``texts`` (``analyze(text).vector`` of each), one row per text."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row] = self._vectors.embed(text)
+        return out
 
     def analyze(self, text: str) -> Analysis:
         enc = self._tokenizer.encode(text, add_special_tokens=False)
@@ -102,4 +106,4 @@ class StaticEmbedder:
         summed = np.add.reduceat(raw, starts, axis=0)
         counts = np.asarray(ends) - np.asarray(starts)
         weights = (np.linalg.norm(summed, axis=1) / counts).astype(np.float32)
-        return Analysis(text, vector, words, surface, _unit_rows(summed), weights)
+        return Analysis(text, vector, words, surface, unit_rows(summed), weights)

@@ -34,7 +34,7 @@ from services.cache.domain import (
     TierKind,
     staleness,
 )
-from services.cache.embedding import Analysis, Embedder
+from services.cache.embedding import Analysis, AnalyzingEmbedder
 from services.cache.vectors import CONTEXT, MODEL_CLASS, PROMPT_VERSION, RETAIN_UNTIL, TENANT, VectorStore
 from services.cache.verifier import Verifier
 
@@ -97,7 +97,7 @@ class SemanticPolicy:
 class SemanticTier:
     kind = TierKind.SEMANTIC
 
-    def __init__(self, store: VectorStore, embedder: Embedder, verifier: Verifier, *, stale_window_s: float,
+    def __init__(self, store: VectorStore, embedder: AnalyzingEmbedder, verifier: Verifier, *, stale_window_s: float,
                  policy: Callable[[CacheKey], SemanticPolicy] = lambda _k: SemanticPolicy(),
                  on_rejected: Callable[[CacheKey, str], None] = lambda _k, _r: None,
                  candidates: int = 4, min_cosine: float = 0.5, max_prompt_chars: int = 2000,

@@ -6,8 +6,9 @@ always filters on both, so a lookup can only ever find entries of the same tenan
 same conversation prefix. Retention is a payload field (``retain_until``) that searches
 filter on and sweeps delete: Qdrant has no TTL of its own.
 
-``EdgeVectorStore`` runs the engine inside the service (``qdrant-edge-py``): HNSW, no
-network hop, one shard on disk under the data dir. ``QdrantClientVectorStore`` speaks to
+``EdgeVectorStore`` runs the engine inside the service (``qdrant-edge-py``, through the mesh's
+one vector-store abstraction, ``libs.vector_store``): HNSW, no network hop, one shard on disk
+under the data dir. ``QdrantClientVectorStore`` speaks to
 a Qdrant server or cluster (``TOLLGATE_QDRANT_URL``) through qdrant-client; with
 ``location=":memory:"`` the same class runs qdrant-client's local mode (brute force, for
 comparison only: see tests/bench/bench_cache.py).
@@ -17,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +26,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from libs.vector_store import (
+    Condition,
+    EdgePointStore,
+    Filter,
+    HnswSettings,
+    IndexKind,
+    Match,
+    Point,
+    Range,
+    SearchRequest,
+    ShardConfig,
+)
 from services.cache.domain import InvalidationScope
 
 log = logging.getLogger(__name__)
@@ -77,8 +87,16 @@ def _scope_conditions(scope: InvalidationScope) -> list[tuple[str, str]]:
     return conds
 
 
+def _filter(conds: Sequence[tuple[str, str]], retained_after: float | None = None) -> Filter:
+    must: list[Condition] = [Match(k, v) for k, v in conds]
+    if retained_after is not None:
+        must.append(Range(RETAIN_UNTIL, gt=retained_after))
+    return Filter(must=tuple(must))
+
+
 class EdgeVectorStore:
-    """Qdrant's engine in process (qdrant-edge-py): one HNSW shard, searched inline.
+    """Qdrant's engine in process (qdrant-edge-py): one HNSW shard (``libs.vector_store.EdgePointStore``),
+    searched inline.
 
     A search at 100k points takes well under a millisecond, less than a thread hop would
     cost, so it runs on the event loop; writes are short too. Building the HNSW index of
@@ -88,55 +106,30 @@ class EdgeVectorStore:
 
     def __init__(self, path: Path | None, dim: int, *, hnsw_m: int = 16, hnsw_ef_construct: int = 100,
                  hnsw_ef: int = 64, indexing_threshold: int = 10_000, optimize_every: int = 5_000):
-        import qdrant_edge as qe
-
-        self._qe = qe
-        self._tmp: str | None = None
-        if path is None:
-            self._tmp = tempfile.mkdtemp(prefix="tollgate-cache-vectors-")
-            path = Path(self._tmp)
-        self._path = path
-        config = qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
-            hnsw_config=qe.HnswIndexConfig(m=hnsw_m, ef_construct=hnsw_ef_construct,
-                                           full_scan_threshold=indexing_threshold, max_indexing_threads=1),
-            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold),
+        config = ShardConfig(
+            dim=dim,
+            indexes={TENANT: IndexKind.KEYWORD, CONTEXT: IndexKind.KEYWORD, MODEL_CLASS: IndexKind.KEYWORD,
+                     PROMPT_VERSION: IndexKind.KEYWORD, RETAIN_UNTIL: IndexKind.FLOAT},
+            hnsw=HnswSettings(m=hnsw_m, ef_construct=hnsw_ef_construct, indexing_threshold=indexing_threshold,
+                              max_indexing_threads=1),
             # One search thread: the service has its own concurrency, and the machine two cores.
             max_search_threads=1,
         )
-        fresh = not (path.exists() and any(path.iterdir()))
-        self._shard = qe.EdgeShard.create(str(path), config) if fresh else qe.EdgeShard.load(str(path), config)
-        if fresh:
-            for field, schema in ((TENANT, qe.PayloadSchemaType.Keyword), (CONTEXT, qe.PayloadSchemaType.Keyword),
-                                  (MODEL_CLASS, qe.PayloadSchemaType.Keyword),
-                                  (PROMPT_VERSION, qe.PayloadSchemaType.Keyword),
-                                  (RETAIN_UNTIL, qe.PayloadSchemaType.Float)):
-                self._shard.update(qe.UpdateOperation.create_field_index(field, schema))
-        self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
+        self._store = EdgePointStore.open(path, config, temp_prefix="tollgate-cache-vectors-")
+        self._hnsw_ef = hnsw_ef
         self._optimize_every = optimize_every
         self._since_optimize = 0
         self._optimizing: asyncio.Task[None] | None = None
-        self._lock = threading.Lock()  # optimize vs close
-        self._closed = False
-
-    def _filter(self, conds: Sequence[tuple[str, str]], retained_after: float | None = None) -> Any:
-        qe = self._qe
-        must: list[Any] = [qe.FieldCondition(k, match=qe.MatchValue(v)) for k, v in conds]
-        if retained_after is not None:
-            must.append(qe.FieldCondition(RETAIN_UNTIL, range=qe.RangeFloat(gt=retained_after)))
-        return qe.Filter(must=must)
 
     async def search(self, vector: np.ndarray, tenant_id: str, context: str, now: float,
                      limit: int, min_score: float) -> list[Candidate]:
-        qe = self._qe
-        request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector.tolist()),
-                                  filter=self._filter([(TENANT, tenant_id), (CONTEXT, context)], now),
-                                  with_payload=True, score_threshold=min_score, params=self._params)
-        return [Candidate(str(p.id), float(p.score), p.payload or {}) for p in self._shard.query(request)]
+        request = SearchRequest(limit=limit, dense=vector,
+                                filter=_filter([(TENANT, tenant_id), (CONTEXT, context)], now),
+                                score_threshold=min_score, hnsw_ef=self._hnsw_ef)
+        return [Candidate(h.id, h.score, h.payload) for h in self._store.search(request)]
 
     async def upsert(self, point_id: str, vector: np.ndarray, payload: Mapping[str, Any]) -> None:
-        qe = self._qe
-        self._shard.update(qe.UpdateOperation.upsert_points([qe.Point(point_id, vector.tolist(), dict(payload))]))
+        self._store.upsert([Point(point_id, vector, payload)])
         self._since_optimize += 1
         if self._since_optimize >= self._optimize_every and self._optimizing is None:
             self._since_optimize = 0
@@ -152,40 +145,28 @@ class EdgeVectorStore:
 
     def optimize_now(self) -> None:
         """Build the HNSW index of what was written since the last time (blocking)."""
-        with self._lock:
-            if not self._closed:
-                self._shard.optimize()
+        self._store.optimize()
+
+    def _delete_counted(self, flt: Filter) -> int:
+        n = self._store.count(flt)
+        if n:
+            self._store.delete(flt)
+        return n
 
     async def delete(self, scope: InvalidationScope) -> int:
-        qe = self._qe
-        flt = self._filter(_scope_conditions(scope))
-        n = int(self._shard.count(qe.CountRequest(exact=True, filter=flt)))
-        if n:
-            self._shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
-        return n
+        return self._delete_counted(_filter(_scope_conditions(scope)))
 
     async def sweep(self, now: float) -> int:
-        qe = self._qe
-        flt = qe.Filter(must=[qe.FieldCondition(RETAIN_UNTIL, range=qe.RangeFloat(lte=now))])
-        n = int(self._shard.count(qe.CountRequest(exact=True, filter=flt)))
-        if n:
-            self._shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
-        return n
+        return self._delete_counted(Filter(must=(Range(RETAIN_UNTIL, lte=now),)))
 
     async def count(self) -> int:
-        return int(self._shard.count(self._qe.CountRequest(exact=True)))
+        return self._store.count()
 
     async def aclose(self) -> None:
         task = self._optimizing
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._shard.flush()
-                self._shard.close()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._store.close()
 
 
 class QdrantClientVectorStore:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.cache.embedding import Analysis, Embedder
+from services.cache.embedding import Analysis, AnalyzingEmbedder
 from services.cache.features import FEATURE_NAMES, hard_veto, pair_features
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "verifier.json"
@@ -115,7 +115,7 @@ class Verifier:
                    embedder_fingerprint=str(doc.get("embedder_fingerprint", "")), metadata=doc.get("training", {}),
                    probes=list(doc.get("embedder_probes") or []))
 
-    def embedder_mismatch(self, embedder: Embedder) -> str | None:
+    def embedder_mismatch(self, embedder: AnalyzingEmbedder) -> str | None:
         """Why this model must not verify with ``embedder`` (None: it may).
 
         The trees split on cosines and word-vector alignments of the embedding they were trained with. The same

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.cache.embedding import Analysis, Embedder
+from services.cache.embedding import Analysis, AnalyzingEmbedder
 from services.cache.features import FEATURE_NAMES, hard_veto, pair_features
 from services.cache.verifier import DEFAULT_MODEL_PATH, MODEL_FORMAT, TreeEnsemble, Verifier
 
@@ -140,7 +140,7 @@ def _components(pairs: Sequence[tuple[str, str, int]]) -> list[int]:
     return [ids.setdefault(find(s1), len(ids)) for s1, _, _ in pairs]
 
 
-def paws_pairs(rows: Sequence[tuple[str, str, int]], embedder: Embedder, name: str = "paws") -> PairSet:
+def paws_pairs(rows: Sequence[tuple[str, str, int]], embedder: AnalyzingEmbedder, name: str = "paws") -> PairSet:
     cache: dict[str, Analysis] = {}
 
     def an(t: str) -> Analysis:
@@ -154,7 +154,7 @@ def paws_pairs(rows: Sequence[tuple[str, str, int]], embedder: Embedder, name: s
     return out
 
 
-def banking_pairs(rows: Sequence[tuple[str, str]], embedder: Embedder, name: str = "banking77") -> PairSet:
+def banking_pairs(rows: Sequence[tuple[str, str]], embedder: AnalyzingEmbedder, name: str = "banking77") -> PairSet:
     """Nearest same-intent neighbour (positive) and nearest other-intent neighbour (negative) per query."""
     texts = [t for t, _ in rows]
     intents = sorted({c for _, c in rows})

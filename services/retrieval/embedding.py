@@ -1,7 +1,8 @@
-"""Text embedders: the ``Embedder`` protocol, an offline feature-hashing embedder, and model-backed ones.
+"""Text embedders: the ``ChunkEmbedder`` protocol, an offline feature-hashing embedder, and model-backed ones.
 
-The service needs ``name``, ``dim``, ``embed(texts)`` and, for chunking by the
-model's own tokens, ``count_tokens``. Three implementations:
+The service needs ``name``, ``dim``, ``embed(texts)`` (the mesh's one embedder
+protocol, ``libs.embedding.Embedder``) and, for chunking by the model's own
+tokens, ``count_tokens`` (``ChunkEmbedder``). Three implementations:
 
 - :class:`Model2VecEmbedder` (the default): a static model2vec model distilled
   from all-MiniLM-L6-v2 at setup time (``libs.static_model``);
@@ -25,11 +26,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from libs.embedding import Embedder, unit_rows
 from services.retrieval.chunking import TokenCounter, offsets_to_word_counts
 
 if TYPE_CHECKING:
@@ -55,24 +57,12 @@ _STOPWORDS = frozenset({
 
 
 @runtime_checkable
-class Embedder(Protocol):
-    """Maps texts to L2-normalised float32 vectors of a fixed dimension."""
-
-    @property
-    def name(self) -> str:
-        """Identifies the vector space (model and dimension): vectors of different names never mix."""
-        ...
-
-    @property
-    def dim(self) -> int: ...
+class ChunkEmbedder(Embedder, Protocol):
+    """``libs.embedding.Embedder`` plus how the model counts tokens, for chunking by its own tokens."""
 
     @property
     def count_tokens(self) -> TokenCounter | None:
         """Tokens per word by the model's tokenizer, for chunking; None: a word is a token."""
-        ...
-
-    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """One row per text, shape ``(len(texts), dim)``, each row of unit L2 norm (zero only for empty text)."""
         ...
 
 
@@ -205,15 +195,6 @@ class TokenizerCounter:
         return offsets_to_word_counts(spans, [start for start, _ in encoding.offsets])
 
 
-def _normalise(vectors: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    out = np.asarray(vectors, dtype=np.float32)
-    if out.ndim == 1:
-        out = out.reshape(1, -1)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    np.divide(out, norms, out=out, where=norms > 0.0)
-    return out
-
-
 class Model2VecEmbedder:
     """A model2vec static model from a local folder (``model.safetensors`` + ``tokenizer.json`` + ``config.json``).
 
@@ -247,7 +228,7 @@ class Model2VecEmbedder:
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
         # No worker processes (model2vec forks a pool past 10k texts): not inside a server.
-        return _normalise(self._model.encode(list(texts), show_progress_bar=False, use_multiprocessing=False))
+        return unit_rows(self._model.encode(list(texts), show_progress_bar=False, use_multiprocessing=False))
 
 
 class SentenceTransformerEmbedder:
@@ -295,5 +276,5 @@ class SentenceTransformerEmbedder:
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
-        return _normalise(self._model.encode(list(texts), batch_size=32, show_progress_bar=False,
+        return unit_rows(self._model.encode(list(texts), batch_size=32, show_progress_bar=False,
                                              normalize_embeddings=True))

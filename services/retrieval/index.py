@@ -27,7 +27,7 @@ import numpy.typing as npt
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, FieldViolation, InvalidArgument
 from services.retrieval.chunking import ChunkingOptions, chunk_text
-from services.retrieval.embedding import Embedder
+from services.retrieval.embedding import ChunkEmbedder
 from services.retrieval.rerank import Reranker, apply_rerank
 from services.retrieval.sparse import SparseEncoder, SparseVector
 from services.retrieval.store import ChunkFilter, ChunkRecord, SearchMode, StoreQuery, VectorStore
@@ -68,7 +68,7 @@ def _require_tenant(tenant_id: str) -> None:
 class DocumentIndex:
     """Chunk, embed and store documents; search and delete them, always within one tenant."""
 
-    def __init__(self, embedder: Embedder, store: VectorStore, *, default_chunking: ChunkingOptions,
+    def __init__(self, embedder: ChunkEmbedder, store: VectorStore, *, default_chunking: ChunkingOptions,
                  sparse: SparseEncoder | None = None, reranker: Reranker | None = None,
                  default_mode: SearchMode = SearchMode.HYBRID, prefetch_limit: int = 100) -> None:
         """``sparse`` None disables BM25 (sparse and hybrid searches then use the dense retriever alone)."""

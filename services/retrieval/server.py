@@ -17,7 +17,7 @@ from libs.grpc_server import ServiceBinding, run, serve_until_stopped
 from libs.settings import load_settings
 from services.retrieval.chunking import ChunkingOptions
 from services.retrieval.edge_store import EdgeVectorStore
-from services.retrieval.embedding import Embedder, HashingEmbedder
+from services.retrieval.embedding import ChunkEmbedder, HashingEmbedder
 from services.retrieval.index import DocumentIndex
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
 
-def build_embedder(settings: RetrievalSettings) -> Embedder:
+def build_embedder(settings: RetrievalSettings) -> ChunkEmbedder:
     """The configured dense embedder, from files on disk only; a missing model stops the service with a message."""
     if settings.embedder == "hashing":
         return HashingEmbedder(settings.embedding_dim)
@@ -46,7 +46,7 @@ def build_embedder(settings: RetrievalSettings) -> Embedder:
     return Model2VecEmbedder(folder, name=folder.name)
 
 
-def build_store(settings: RetrievalSettings, embedder: Embedder) -> VectorStore:
+def build_store(settings: RetrievalSettings, embedder: ChunkEmbedder) -> VectorStore:
     # The dense vector is named after the embedder, so a collection never mixes two vector spaces.
     dense = f"dense-{embedder.name}"
     if settings.qdrant_url or settings.embedded_engine == "local":

@@ -10,7 +10,9 @@ each carrying the tenant filter, then an RRF query).
 Two backends implement the protocol: :class:`QdrantVectorStore` (a Qdrant
 server via qdrant-client; also qdrant-client's local mode, a pure-Python brute
 force kept for comparison) and ``EdgeVectorStore`` (``services.retrieval.edge_store``,
-the embedded default: Qdrant's engine in-process).
+the embedded default: Qdrant's engine in-process). Both run their blocking client
+through ``libs.vector_store.BlockingStore`` (worker thread, per-call timeout,
+lazy reconnection).
 
 Every read and delete goes through a :class:`ChunkFilter`, whose ``tenant_id``
 is mandatory and always becomes a ``must`` condition; caller metadata is
@@ -34,31 +36,25 @@ chunk twice overwrites it instead of duplicating it.
 
 from __future__ import annotations
 
-import abc
-import asyncio
-import contextlib
 import enum
 import json
 import logging
-import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from qdrant_client import QdrantClient, models
 
 from libs.deadlines import Deadline
-from libs.errors import FailedPrecondition, TollgateError, Unavailable
+from libs.errors import FailedPrecondition
+from libs.vector_store import BlockingStore
 from services.retrieval.sparse import SparseVector
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-C = TypeVar("C")
 
 DENSE_VECTOR = "dense"
 SPARSE_VECTOR = "bm25"
@@ -67,8 +63,6 @@ SPARSE_VECTOR = "bm25"
 RRF_K = 60
 QDRANT_RRF_K = RRF_K + 1
 _POINT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://tollgate.dev/retrieval/chunk")
-# Margin left for the answer to travel back once a backend call returns.
-_HOP_MARGIN_S = 0.05
 _UPSERT_BATCH = 256
 
 
@@ -211,115 +205,6 @@ def to_qdrant_filter(where: ChunkFilter) -> models.Filter:
     for key, value in sorted(where.metadata.items()):
         must.append(_match("metadata_kv", metadata_term(key, value)))
     return models.Filter(must=must)
-
-
-class BlockingStore(abc.ABC, Generic[C]):
-    """Lifecycle and call discipline for a store whose client is blocking.
-
-    Each call runs in a worker thread, bounded by ``call_timeout_s`` and the
-    request deadline (a late answer is abandoned and reported as
-    ``Unavailable``/``BACKEND_TIMEOUT``); clients that are not thread-safe get
-    their calls serialised by a lock. The client and collection are set up
-    lazily and retried on the next call after a failure, so the service starts
-    (and answers UNAVAILABLE) while the backend is down.
-    """
-
-    def __init__(self, client_factory: Callable[[], C], *, serialise: bool, call_timeout_s: float) -> None:
-        self._client_factory = client_factory
-        self._call_timeout_s = call_timeout_s
-        self._client: C | None = None
-        # Opening a client may outlast one request (an embedded store loads its data from disk),
-        # so it runs as its own task that later requests wait on, never abandoned half-way.
-        self._connecting: asyncio.Future[C] | None = None
-        self._ready = False
-        self._setup_lock = asyncio.Lock()
-        # Held inside the worker thread, so an abandoned (timed out) call still excludes the next one.
-        self._thread_lock: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if serialise else contextlib.nullcontext())
-
-    @abc.abstractmethod
-    def _prepare(self, client: C) -> None:
-        """Make sure the collection exists with the expected vectors (runs in a worker thread)."""
-
-    @abc.abstractmethod
-    def _close_client(self, client: C) -> None: ...
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def start(self, deadline: Deadline) -> None:
-        await self._ensure_ready(deadline)
-
-    async def close(self) -> None:
-        async with self._setup_lock:
-            client, self._client, self._ready = self._client, None, False
-            connecting, self._connecting = self._connecting, None
-        if client is None and connecting is not None:
-            with contextlib.suppress(Exception):
-                client = await asyncio.wait_for(asyncio.shield(connecting), self._call_timeout_s)
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.to_thread(self._locked, lambda: self._close_client(client)),
-                                       self._call_timeout_s)
-
-    async def _connect(self, deadline: Deadline) -> C:
-        if self._connecting is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self._locked, self._client_factory))
-            # Mark a failure seen even if no request is waiting any more when it happens.
-            task.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._connecting = task
-        timeout = deadline.hop_timeout(_HOP_MARGIN_S, cap_s=self._call_timeout_s)
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
-        except TimeoutError:
-            log.warning("vector store connect still running after %.2fs", timeout)
-            raise Unavailable("vector store is still starting", reason="BACKEND_TIMEOUT", retry_after_s=1.0) from None
-        except TollgateError:
-            self._connecting = None
-            raise
-        except Exception as exc:
-            self._connecting = None  # try afresh on the next request
-            log.warning("vector store connect failed: %s: %.200s", type(exc).__name__, exc)
-            raise Unavailable("vector store cannot be opened", reason="BACKEND_ERROR", retry_after_s=1.0) from None
-
-    async def _ensure_ready(self, deadline: Deadline) -> C:
-        if self._ready and self._client is not None:
-            return self._client
-        async with self._setup_lock:
-            if self._client is None:
-                self._client = await self._connect(deadline)
-                self._connecting = None
-            client = self._client
-            if not self._ready:
-                await self._run("ensure_collection", lambda: self._prepare(client), deadline)
-                self._ready = True
-            return client
-
-    # -- calls -------------------------------------------------------------------------------
-
-    def _locked(self, fn: Callable[[], T]) -> T:
-        with self._thread_lock:
-            return fn()
-
-    async def _run(self, op: str, fn: Callable[[], T], deadline: Deadline) -> T:
-        timeout = deadline.hop_timeout(_HOP_MARGIN_S, cap_s=self._call_timeout_s)
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(self._locked, fn), timeout)
-        except TimeoutError:
-            log.warning("vector store %s timed out after %.2fs", op, timeout)
-            self._ready = False
-            raise Unavailable(f"vector store did not answer {op} in time", reason="BACKEND_TIMEOUT",
-                              retry_after_s=1.0) from None
-        except TollgateError:
-            raise
-        except Exception as exc:
-            # Type and a bounded message only: backend errors never carry document text, but stay safe.
-            log.warning("vector store %s failed: %s: %.200s", op, type(exc).__name__, exc)
-            self._ready = False
-            raise Unavailable(f"vector store failed during {op}", reason="BACKEND_ERROR", retry_after_s=1.0) from None
-
-    async def _call(self, op: str, fn: Callable[[C], T], deadline: Deadline) -> T:
-        client = await self._ensure_ready(deadline)
-        return await self._run(op, lambda: fn(client), deadline)
 
 
 def _qdrant_sparse(vec: SparseVector) -> models.SparseVector:

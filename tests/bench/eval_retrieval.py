@@ -30,7 +30,7 @@ from pathlib import Path
 from libs.deadlines import Deadline
 from services.retrieval.chunking import ChunkingOptions
 from services.retrieval.edge_store import EdgeVectorStore
-from services.retrieval.embedding import Embedder
+from services.retrieval.embedding import ChunkEmbedder
 from services.retrieval.index import Document, DocumentIndex
 from services.retrieval.sparse import DEFAULT_AVG_LEN, Bm25Encoder
 from services.retrieval.store import SearchMode
@@ -88,7 +88,7 @@ def recall_at(ranked: Sequence[str], rels: dict[str, int], k: int = 5) -> float:
     return len(relevant & set(ranked[:k])) / len(relevant) if relevant else 0.0
 
 
-def make_embedder(name: str) -> Embedder:
+def make_embedder(name: str) -> ChunkEmbedder:
     from libs import static_model as model_setup
     from services.retrieval.embedding import HashingEmbedder, Model2VecEmbedder, SentenceTransformerEmbedder
 
@@ -101,7 +101,7 @@ def make_embedder(name: str) -> Embedder:
     return Model2VecEmbedder(model_setup.DEFAULT_DIR, name=model_setup.MODEL_NAME)
 
 
-async def evaluate(embedder: Embedder, beir: Beir, *, bm25_avg_len: float = DEFAULT_AVG_LEN,
+async def evaluate(embedder: ChunkEmbedder, beir: Beir, *, bm25_avg_len: float = DEFAULT_AVG_LEN,
                    chunking: ChunkingOptions = ChunkingOptions(512, 128),
                    batch: int = 256) -> tuple[dict[SearchMode, Metrics], float]:
     """Metrics per mode and ingest throughput (chunks/s) for one embedder."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.retrieval.embedding import Embedder, HashingEmbedder
+from services.retrieval.embedding import ChunkEmbedder, HashingEmbedder
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -23,7 +23,7 @@ DOCS = [
 
 def test_is_an_embedder_with_unit_float32_rows() -> None:
     emb = HashingEmbedder(384)
-    assert isinstance(emb, Embedder)
+    assert isinstance(emb, ChunkEmbedder)
     out = emb.embed([*DOCS, "?!", ""])
     assert out.shape == (len(DOCS) + 2, 384)
     assert out.dtype == np.float32
@@ -83,7 +83,7 @@ def test_model2vec_embedder_loads_offline_and_ranks_by_meaning(monkeypatch: pyte
     # Any attempt to reach the network would fail loudly.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     emb = Model2VecEmbedder(model_setup.DEFAULT_DIR, name=model_setup.MODEL_NAME)
-    assert isinstance(emb, Embedder)
+    assert isinstance(emb, ChunkEmbedder)
     assert (emb.name, emb.dim) == ("m2v-minilm-l6-v2-256", 256)
     out = emb.embed(DOCS)
     assert out.shape == (len(DOCS), 256) and out.dtype == np.float32
