@@ -81,8 +81,9 @@ fuzz: setup
 	TOLLGATE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TOLLGATE_FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/fuzz
 
 lint: setup
-	$(VENV)/bin/ruff check libs services tests tools
+	$(VENV)/bin/ruff check libs services tests tools ops
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/buf lint
 
 # Each benchmark measures tollgate and its baseline side by side in one run and rewrites its own

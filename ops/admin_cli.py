@@ -3,10 +3,10 @@ dead letters.
 
 They talk to a running router's AdminService with an admin key (``TOLLGATE_ADMIN_KEY`` or
 ``--admin-key-file``; never a command-line argument, where ``ps`` would show it), and
-``reconcile`` also to the ratelimit service. ``report`` can instead read the ledger straight
-from PostgreSQL (``--database-url``), e.g. while the router is down.
+``reconcile`` also to the ratelimit service. Nothing here reads a database: ops talks to the mesh
+over gRPC only.
 
-Registered in ``libs/cli.py`` by ``register(sub)``; also runnable as ``python -m libs.cli_admin``.
+Registered in ``ops/cli.py`` by ``register(sub)``; also runnable as ``python -m ops.admin_cli``.
 """
 
 from __future__ import annotations
@@ -29,24 +29,21 @@ from tollgate.router.v1 import admin_pb2, admin_pb2_grpc
 
 from libs.chat import Principal
 from libs.grpc_errors import domain_error_from_rpc
+from ops import enums
+from ops.reconcile import SpendCounter, reconcile
+from ops.report import CostReport, KeyRow, TeamRow, UsageRow, collect, render_html, usd
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
 DEFAULT_RATELIMIT = "127.0.0.1:50053"
 CALL_TIMEOUT_S = 30.0
 
-_SCOPE_NAME = {common_pb2.LIMIT_SCOPE_GLOBAL: "global", common_pb2.LIMIT_SCOPE_ORG: "org",
-               common_pb2.LIMIT_SCOPE_TEAM: "team", common_pb2.LIMIT_SCOPE_KEY: "key"}
-_PERIOD = {ratelimit_pb2.LIMIT_KIND_BUDGET_DAILY_NANO_USD: "day",
-           ratelimit_pb2.LIMIT_KIND_BUDGET_MONTHLY_NANO_USD: "month"}
-_PERIOD_KIND = {v: k for k, v in _PERIOD.items()}
-_SCOPE_PROTO = {v: k for k, v in _SCOPE_NAME.items()}
-_GROUP = {"org": admin_pb2.USAGE_GROUP_BY_ORG, "team": admin_pb2.USAGE_GROUP_BY_TEAM,
-          "key": admin_pb2.USAGE_GROUP_BY_KEY, "model": admin_pb2.USAGE_GROUP_BY_MODEL,
-          "day": admin_pb2.USAGE_GROUP_BY_DAY}
-_ROLE = {"member": admin_pb2.KEY_ROLE_MEMBER, "admin": admin_pb2.KEY_ROLE_ADMIN}
-_ROLE_NAME = {v: k for k, v in _ROLE.items()}
-_TIER = {"free": admin_pb2.KEY_TIER_FREE, "pro": admin_pb2.KEY_TIER_PRO, "enterprise": admin_pb2.KEY_TIER_ENTERPRISE}
-_TIER_NAME = {v: k for k, v in _TIER.items()}
+# The scopes a spend counter can have (reconcile.SCOPE_ORDER); budgets are never per client IP.
+_BUDGET_SCOPES = ("global", "org", "team", "key")
+# Which limit kinds are USD budgets, and the window each counts (the reconciliation's periods). A choice of
+# two kinds, not a display table: labels come from the enum descriptors (ops.enums).
+_BUDGET_PERIOD = {ratelimit_pb2.LIMIT_KIND_BUDGET_DAILY_NANO_USD: "day",
+                  ratelimit_pb2.LIMIT_KIND_BUDGET_MONTHLY_NANO_USD: "month"}
+_BUDGET_KIND = {period: kind for kind, period in _BUDGET_PERIOD.items()}
 
 
 class CliError(Exception):
@@ -81,32 +78,19 @@ class AdminApi:
     async def call(self, method: str, request: Any) -> Any:
         return await getattr(self.stub, method)(request, metadata=self._md, timeout=CALL_TIMEOUT_S)
 
-    async def usage_report(self, start: datetime, end: datetime, group_by: list[str]) -> list[Any]:
-        from services.router.control.plane import UsageRow
-
+    async def usage_report(self, start: datetime, end: datetime, group_by: list[str]) -> list[UsageRow]:
         resp = await self.call("GetUsageReport", admin_pb2.GetUsageReportRequest(
-            start_time=_ts(start), end_time=_ts(end), group_by=[_GROUP[g] for g in group_by]))
-        return [UsageRow(tuple(r.group_values), r.requests, r.input_tokens, r.output_tokens, r.cached_input_tokens,
-                         r.cost_nano_usd, r.saved_nano_usd, r.cache_hits, r.errors, r.cancelled) for r in resp.rows]
+            start_time=_ts(start), end_time=_ts(end),
+            group_by=[enums.value(admin_pb2.UsageGroupBy, g) for g in group_by]))
+        return [UsageRow.from_proto(r) for r in resp.rows]
 
-    async def list_teams(self, org_id: str) -> list[Any]:
-        from services.router.control.plane import Team
-
+    async def list_teams(self, org_id: str) -> list[TeamRow]:
         resp = await self.call("ListTeams", admin_pb2.ListTeamsRequest(org_id=org_id))
-        return [Team(t.team_id, t.org_id, t.name, _dt(t.created_at)) for t in resp.teams]
+        return [TeamRow.from_proto(t) for t in resp.teams]
 
-    async def list_keys(self, org_id: str, team_id: str) -> list[Any]:
-        from services.router.control.keys import KeyRecord
-        from services.router.control.plane import KeyListing
-
+    async def list_keys(self, org_id: str, team_id: str) -> list[KeyRow]:
         resp = await self.call("ListKeys", admin_pb2.ListKeysRequest(org_id=org_id, team_id=team_id))
-        return [KeyListing(
-            KeyRecord(k.key_id, Principal(k.principal.org_id, k.principal.team_id, k.key_id),
-                      _ROLE_NAME.get(k.role, "member"), tuple(k.allowed_models),
-                      _dt(k.expires_at) if k.HasField("expires_at") else None, k.revoked,
-                      _TIER_NAME.get(k.tier, "pro")),
-            k.name, k.display_prefix, _dt(k.created_at), _dt(k.revoked_at) if k.HasField("revoked_at") else None)
-            for k in resp.keys]
+        return [KeyRow.from_proto(k) for k in resp.keys]
 
 
 class RateLimitCounters:
@@ -123,27 +107,26 @@ class RateLimitCounters:
                 principal=common_pb2.Principal(org_id=p.org_id, team_id=p.team_id, key_id=p.key_id))),
                 timeout=CALL_TIMEOUT_S)
 
-    async def spend_counters(self, principals: list[Principal]) -> list[Any]:
-        from services.router.reconcile import SpendCounter
-
+    async def spend_counters(self, principals: list[Principal]) -> list[SpendCounter]:
         out: dict[tuple[str, str, str], SpendCounter] = {}
         for resp in await asyncio.gather(*(self._one(p) for p in principals)):
             if resp.degraded:
                 raise CliError("the ratelimit service answers from its local fallback (Redis unavailable): "
                                "its counters are not the shared ones; try again later")
             for u in resp.usages:
-                if u.kind in _PERIOD and u.scope in _SCOPE_NAME:
-                    scope = _SCOPE_NAME[u.scope]
+                scope = enums.label(common_pb2.LimitScope, u.scope)
+                if u.kind in _BUDGET_PERIOD and scope in _BUDGET_SCOPES:
                     # `used` includes what outstanding reservations hold; the ledger only has settled spend.
-                    out[(scope, u.scope_id, _PERIOD[u.kind])] = SpendCounter(
-                        scope, "" if scope == "global" else u.scope_id, _PERIOD[u.kind], u.used - u.reserved,
+                    out[(scope, u.scope_id, _BUDGET_PERIOD[u.kind])] = SpendCounter(
+                        scope, "" if scope == "global" else u.scope_id, _BUDGET_PERIOD[u.kind], u.used - u.reserved,
                         u.limit, u.reserved, _dt(u.window_start) if u.HasField("window_start") else None)
         return list(out.values())
 
     async def raise_to_ledger(self, scope: str, scope_id: str, period: str, window_start: datetime,
                               ledger_nano_usd: int) -> int:
         resp = await self._stub.ReconcileSpend(ratelimit_pb2.ReconcileSpendRequest(
-            scope=_SCOPE_PROTO[scope], scope_id=scope_id, kind=_PERIOD_KIND[period], window_time=_ts(window_start),
+            scope=enums.value(common_pb2.LimitScope, scope), scope_id=scope_id, kind=_BUDGET_KIND[period],
+            window_time=_ts(window_start),
             ledger_spent_nano_usd=ledger_nano_usd), timeout=CALL_TIMEOUT_S)
         spent: int = resp.spent_nano_usd
         return spent
@@ -158,18 +141,17 @@ async def _with_admin(args: argparse.Namespace, body: Callable[[AdminApi], Await
 
 
 async def _key_create(args: argparse.Namespace) -> int:
-    from services.router.control.keys import HASH_RATIONALE
-
     async def body(api: AdminApi) -> int:
         expires = (_ts(datetime.now(UTC) + timedelta(days=args.expires_in_days)) if args.expires_in_days else None)
         resp = await api.call("CreateKey", admin_pb2.CreateKeyRequest(
-            org_id=args.org, team_id=args.team, name=args.name, role=_ROLE[args.role],
-            allowed_models=args.model or [], expires_at=expires, tier=_TIER[args.tier]))
+            org_id=args.org, team_id=args.team, name=args.name, role=enums.value(admin_pb2.KeyRole, args.role),
+            allowed_models=args.model or [], expires_at=expires, tier=enums.value(admin_pb2.KeyTier, args.tier)))
         print(f"key id : {resp.key_id}")
         print(f"key    : {resp.key}")
         print()
         print(f"Copy the key now: it is shown once. Stored only as {resp.hash_algorithm or 'sha256'}.")
-        print(resp.hash_rationale or HASH_RATIONALE)
+        if resp.hash_rationale:  # why a plain digest is enough: the router explains its own choice
+            print(resp.hash_rationale)
         return 0
 
     return await _with_admin(args, body)
@@ -190,8 +172,10 @@ async def _key_list(args: argparse.Namespace) -> int:
         print(f"{'key id':<22} {'name':<24} {'role':<7} {'tier':<10} {'prefix':<11} {'team':<22} state")
         for k in resp.keys:
             state = "revoked" if k.revoked else "active"
-            print(f"{k.key_id:<22} {k.name[:24]:<24} {_ROLE_NAME.get(k.role, '?'):<7} "
-                  f"{_TIER_NAME.get(k.tier, 'pro'):<10} {k.display_prefix:<11} {k.principal.team_id:<22} {state}")
+            # KEY_TIER_UNSPECIFIED is treated as pro (admin.proto).
+            tier = enums.label(admin_pb2.KeyTier, k.tier or admin_pb2.KEY_TIER_PRO)
+            print(f"{k.key_id:<22} {k.name[:24]:<24} {enums.label(admin_pb2.KeyRole, k.role):<7} "
+                  f"{tier:<10} {k.display_prefix:<11} {k.principal.team_id:<22} {state}")
         return 0
 
     return await _with_admin(args, body)
@@ -221,32 +205,14 @@ def _report_range(args: argparse.Namespace) -> tuple[datetime, datetime]:
     return start, end
 
 
-async def _collect_report(args: argparse.Namespace) -> Any:
-    from services.router.reporting import collect
-
+async def _collect_report(args: argparse.Namespace) -> CostReport:
     start, end = _report_range(args)
-    if args.database_url:
-        from services.router.control.plane import ControlPlane
-        from services.router.db import create_pool
-
-        pool = await create_pool(args.database_url)
-        try:
-            report = await collect(ControlPlane(pool), start, end, top_keys=args.top)
-        finally:
-            await pool.close()
-    else:
-        async def body(api: AdminApi) -> Any:
-            return await collect(api, start, end, top_keys=args.top)
-
-        key = admin_key(args)
-        async with grpc.aio.insecure_channel(args.router) as channel:
-            report = await body(AdminApi(channel, key))
-    return report
+    key = admin_key(args)
+    async with grpc.aio.insecure_channel(args.router) as channel:
+        return await collect(AdminApi(channel, key), start, end, top_keys=args.top)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from services.router.reporting import render_html, usd
-
     report = asyncio.run(_collect_report(args))
     page = render_html(report)
     out: Path = args.out
@@ -258,8 +224,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
-    from services.router.reconcile import reconcile
-
     key = admin_key(args)
     async with grpc.aio.insecure_channel(args.router) as router, grpc.aio.insecure_channel(args.ratelimit) as rl:
         result = await reconcile(AdminApi(router, key), RateLimitCounters(rl),
@@ -271,9 +235,13 @@ async def _reconcile(args: argparse.Namespace) -> int:
 
 # --- A/B experiments -------------------------------------------------------------------------
 
-_METRIC_NAME = {admin_pb2.EXPERIMENT_METRIC_LATENCY: "latency ms", admin_pb2.EXPERIMENT_METRIC_COST: "cost nano-USD",
-                admin_pb2.EXPERIMENT_METRIC_ERROR_RATE: "error rate",
-                admin_pb2.EXPERIMENT_METRIC_FEEDBACK_UP_RATE: "feedback up-rate"}
+# The unit a metric's values are in, by its label (ops.enums); rates have none.
+_METRIC_UNIT = {"latency": "ms", "cost": "nano-USD"}
+
+
+def _metric_name(metric: int) -> str:
+    name = enums.label(admin_pb2.ExperimentMetric, metric).replace("_", " ")
+    return f"{name} {_METRIC_UNIT[name]}" if name in _METRIC_UNIT else name
 
 
 def parse_variant(text: str) -> admin_pb2.ExperimentVariant:
@@ -346,7 +314,7 @@ async def _experiment_report(args: argparse.Namespace) -> int:
         for c in r.comparisons:
             p = f"{c.p_value:.4g}" if c.HasField("p_value") else "n/a (too little data)"
             verdict = "SIGNIFICANT" if c.significant else "-"
-            print(f"{c.variant:<16} {_METRIC_NAME.get(c.metric, '?'):<17} {c.control_value:>12.4g} -> "
+            print(f"{c.variant:<16} {_metric_name(c.metric):<17} {c.control_value:>12.4g} -> "
                   f"{c.variant_value:<12.4g} {c.test:<17} p = {p:<22} {verdict}")
         return 0
 
@@ -355,10 +323,13 @@ async def _experiment_report(args: argparse.Namespace) -> int:
 
 # --- ledger dead letters --------------------------------------------------------------------
 
-_OUTCOME_NAME = {admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_INSERTED: "inserted",
-                 admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_ALREADY_IN_LEDGER: "already in ledger",
-                 admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_REFUSED: "REFUSED",
-                 admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_NOT_FOUND: "NOT FOUND"}
+_REPLAY_FAILED = (admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_REFUSED, admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_NOT_FOUND)
+
+
+def _outcome_name(outcome: int) -> str:
+    """``inserted``, ``already in ledger``; a failure in capitals (``REFUSED``, ``NOT FOUND``) to stand out."""
+    name = enums.label(admin_pb2.DeadLetterReplayOutcome, outcome).replace("_", " ")
+    return name.upper() if outcome in _REPLAY_FAILED else name
 
 
 async def _dead_letters_list(args: argparse.Namespace) -> int:
@@ -415,11 +386,10 @@ async def _dead_letters_replay(args: argparse.Namespace) -> int:
         resp = await api.call("ReplayDeadLetters", admin_pb2.ReplayDeadLettersRequest(
             ids=args.ids, all=args.all, repaired_event_json=repaired))
         for r in resp.results:
-            outcome = _OUTCOME_NAME.get(r.outcome, "?")
+            outcome = _outcome_name(r.outcome)
             extra = f": {r.reason} (now {r.new_id})" if r.reason else ""
             print(f"{r.id:<17} {r.request_id or '-':<34} {outcome}{extra}")
-        failed = sum(1 for r in resp.results if r.outcome in (admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_REFUSED,
-                                                             admin_pb2.DEAD_LETTER_REPLAY_OUTCOME_NOT_FOUND))
+        failed = sum(1 for r in resp.results if r.outcome in _REPLAY_FAILED)
         print(f"{len(resp.results) - failed} replayed, {failed} not; {resp.remaining} dead letter(s) left")
         return 1 if failed else 0
 
@@ -489,9 +459,9 @@ def register(sub: Any) -> None:
     create.add_argument("--org", required=True, help="org id")
     create.add_argument("--team", required=True, help="team id (must belong to the org)")
     create.add_argument("--name", required=True)
-    create.add_argument("--role", choices=sorted(_ROLE), default="member",
+    create.add_argument("--role", choices=sorted(enums.labels(admin_pb2.KeyRole)), default="member",
                         help="admin keys may call AdminService; members only generate (default %(default)s)")
-    create.add_argument("--tier", choices=list(_TIER), default="pro",
+    create.add_argument("--tier", choices=enums.labels(admin_pb2.KeyTier), default="pro",
                         help="service tier: under overload free traffic is shed first, then pro "
                              "(default %(default)s)")
     create.add_argument("--model", action="append", help="allowed model (repeat); default: every model")
@@ -523,7 +493,6 @@ def register(sub: Any) -> None:
     report.add_argument("--start", help="first day, YYYY-MM-DD (UTC)")
     report.add_argument("--end", help="last day, YYYY-MM-DD (UTC), inclusive; default today")
     report.add_argument("--top", type=int, default=10, help="how many keys to list (default %(default)s)")
-    report.add_argument("--database-url", help="read the ledger from this PostgreSQL database instead of the router")
     report.set_defaults(func=_run(_report))
 
     rec = sub.add_parser("reconcile", help="compare ledger totals with the ratelimit service's spend counters",

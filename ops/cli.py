@@ -10,49 +10,35 @@ import tempfile
 import time
 from pathlib import Path
 
-from libs.launcher import LauncherSettings, Mesh, free_port
+from ops.launcher import LauncherSettings, Mesh, free_port
 
 # Prices a fresh deployment starts with (nano-USD per million tokens); admins change them with SetPrice.
 # Self-hosted: a nominal amortized hardware cost. HTTP provider: like a small hosted model.
 _PRICES = {"vllm": (10_000_000, 30_000_000, 5_000_000), "http": (150_000_000, 600_000_000, 75_000_000)}
 
 
-def _default_models(mesh: Mesh) -> list[object]:
-    from services.router.control.bootstrap import DefaultModel
-
-    s = mesh.settings
+def default_models(s: LauncherSettings) -> list[dict[str, object]]:
+    """The model the mesh serves, with its price: what the router bootstraps (TOLLGATE_ROUTER_BOOTSTRAP_MODELS_JSON,
+    the fields of its control.bootstrap.DefaultModel)."""
     kind = "vllm" if s.inference_engine == "vllm" else "http"
     inp, out, cached = _PRICES[kind]
-    return [DefaultModel(name=s.served_model_name, provider=s.inference_engine,
-                         inference_target=f"{s.host}:{s.inference_port}",
-                         context_window=2048 if kind == "vllm" else 8192, cost_tier="cheap",
-                         input_per_mtok=inp, output_per_mtok=out, cached_input_per_mtok=cached)]
-
-
-async def bootstrap_mesh(mesh: Mesh) -> str | None:
-    """Apply the schema and create the default org, team, model and price, before the router starts
-    (so its first registry load already has them); returns a new admin key (None if one exists)."""
-    from services.router.control.bootstrap import apply_migrations, bootstrap
-    from services.router.db import create_pool
-
-    await apply_migrations(mesh.env["TOLLGATE_DATABASE_URL"])
-    pool = await create_pool(mesh.env["TOLLGATE_DATABASE_URL"])
-    try:
-        return await bootstrap(pool, _default_models(mesh))  # type: ignore[arg-type]
-    finally:
-        await pool.close()
+    return [{"name": s.served_model_name, "provider": s.inference_engine,
+             "inference_target": f"{s.host}:{s.inference_port}",
+             "context_window": 2048 if kind == "vllm" else 8192, "cost_tier": "cheap",
+             "input_per_mtok": inp, "output_per_mtok": out, "cached_input_per_mtok": cached}]
 
 
 def start_mesh(settings: LauncherSettings) -> tuple[Mesh, str | None]:
-    """Start the mesh and bootstrap it; returns the mesh and a new admin key (None if one existed)."""
+    """Start the mesh; its router bootstraps itself (schema, default org, team, model and price) before it
+    serves. Returns the mesh and the admin key the router created (None if one existed)."""
     mesh = Mesh(settings)
-    admin_keys: list[str | None] = []
     try:
-        mesh.start(prepare=lambda m: admin_keys.append(asyncio.run(bootstrap_mesh(m))))
+        mesh.start(bootstrap_models=default_models(settings))
+        return mesh, mesh.take_bootstrap_key()
     except BaseException:
         mesh.stop()
+        mesh.bootstrap_key_file.unlink(missing_ok=True)  # a secret no one will read stays on no disk
         raise
-    return mesh, admin_keys[0]
 
 
 def _stop_requested() -> list[str]:
@@ -103,7 +89,7 @@ def cmd_up(_: argparse.Namespace) -> int:
 
 
 def cmd_demo(_: argparse.Namespace) -> int:
-    from libs.demo import run_demo
+    from ops.demo import run_demo
 
     with tempfile.TemporaryDirectory(prefix="tollgate-demo-") as tmp:
         env_ports = {name: free_port() for name in ("router", "cache", "ratelimit", "retrieval", "inference", "edge")}
@@ -124,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="serve the whole mesh on this machine").set_defaults(func=cmd_up)
     sub.add_parser("demo", help="start a private mesh, send scripted requests, stop").set_defaults(func=cmd_demo)
-    from libs.cli_admin import register as register_admin_commands
+    from ops.admin_cli import register as register_admin_commands
 
     register_admin_commands(sub)
     args = parser.parse_args(argv)

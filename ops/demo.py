@@ -12,9 +12,14 @@ from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
 
 from libs.grpc_errors import domain_error_from_rpc
+from ops import enums
 
-_TIER = {common_pb2.CACHE_TIER_MISS: "miss", common_pb2.CACHE_TIER_EXACT: "exact hit",
-         common_pb2.CACHE_TIER_SEMANTIC: "semantic hit"}
+
+def _tier(tier: int) -> str:
+    """``miss``, ``exact hit``, ``semantic hit``."""
+    if tier in (common_pb2.CACHE_TIER_UNSPECIFIED, common_pb2.CACHE_TIER_MISS):
+        return "?" if tier == common_pb2.CACHE_TIER_UNSPECIFIED else "miss"
+    return f"{enums.label(common_pb2.CacheTier, tier)} hit"
 
 
 def _usd(nano: int) -> str:
@@ -69,7 +74,7 @@ async def run_demo(router_address: str, admin_key: str, model: str) -> int:
             s = resp.summary
             total_cost += s.cost_nano_usd
             total_saved += s.saved_nano_usd
-            print(f"   -> {_TIER.get(s.cache_tier, '?')} via {s.model}/{s.provider or '-'} in "
+            print(f"   -> {_tier(s.cache_tier)} via {s.model}/{s.provider or '-'} in "
                   f"{(time.perf_counter() - t0) * 1000:.1f} ms; tokens in {s.usage.input_tokens} "
                   f"out {s.usage.output_tokens}; cost {_usd(s.cost_nano_usd)}, saved {_usd(s.saved_nano_usd)}")
             print(f"      answer: {resp.content[:100]!r}")

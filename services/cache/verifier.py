@@ -6,7 +6,7 @@ namespace's operating point (a probability threshold). Two exact checks come fir
 and cannot be outvoted: different numbers, and negation on one side only.
 
 The model is our own small artifact, ``services/cache/models/verifier.json``, written
-by ``python -m services.cache.verifier_training`` (how it was trained is recorded
+by ``python -m tools.train_verifier`` (how it was trained is recorded
 in the file). It is evaluated here with numpy only: no training library at run time.
 """
 
@@ -127,13 +127,13 @@ class Verifier:
             return None
         if not self.probes:
             return (f"the verifier was trained with embedder {self.embedder_fingerprint}, not {embedder.fingerprint}, "
-                    "and has no probes to compare them: retrain it (python -m services.cache.verifier_training)")
+                    "and has no probes to compare them: retrain it (python -m tools.train_verifier)")
         worst = max(abs(self.score(embedder.analyze(str(p["a"])), embedder.analyze(str(p["b"]))) - float(p["p"]))
                     for p in self.probes)
         if worst > PROBE_TOLERANCE:
             return (f"embedder {embedder.fingerprint} differs from the verifier's training one "
                     f"({self.embedder_fingerprint}): probe scores off by {worst:.3f} > {PROBE_TOLERANCE}; retrain it "
-                    "(python -m services.cache.verifier_training)")
+                    "(python -m tools.train_verifier)")
         self.metadata = {**self.metadata, "probe_max_abs_diff": round(worst, 6)}
         return None
 

@@ -19,6 +19,7 @@ from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationPara
 from libs.deadlines import Deadline
 from services.inference.engine import ServedModel
 from services.inference.http_engine import HttpEngineBase, as_int, malformed, parse_json, stream_error
+from services.inference.sse import SSEEvent
 from services.inference.tokenizer import TokenCounter
 
 MESSAGES_PATH = "/v1/messages"
@@ -82,73 +83,93 @@ class AnthropicHttpEngine(HttpEngineBase):
                        deadline: Deadline) -> AsyncIterator[GenerationChunk]:
         served = self._resolve(model)
         body = messages_body(served.upstream_name, messages, params, self._default_max_tokens)
-        input_tokens = cache_read = cache_write = output_tokens = 0
-        have_usage = False
-        finish: FinishReason | None = None
-        reported_model = ""
+        stream = _MessageStream(self.provider)
         output: list[str] = []
-        stopped = False
         self._running += 1
         try:
             async with aclosing(self._event_batches(request_id, MESSAGES_PATH, body, deadline)) as batches:
                 async for batch in batches:
-                    arrived: list[str] = []  # the deltas of one network read go out as one chunk
-                    for event in batch:
-                        if event.event == "ping":
-                            continue
-                        data = parse_json(event)
-                        kind = str(data.get("type") or event.event)
-                        if kind == "error":
-                            raise stream_error(self.provider, data.get("error"))
-                        if kind == "message_start":
-                            message = data.get("message")
-                            if not isinstance(message, dict):
-                                raise malformed("message_start without a message")
-                            reported_model = str(message.get("model") or "")
-                            usage = message.get("usage")
-                            if isinstance(usage, dict):
-                                have_usage = True
-                                input_tokens = as_int(usage.get("input_tokens"))
-                                cache_read = as_int(usage.get("cache_read_input_tokens"))
-                                cache_write = as_int(usage.get("cache_creation_input_tokens"))
-                                output_tokens = as_int(usage.get("output_tokens"))
-                        elif kind == "content_block_delta":
-                            delta = data.get("delta")
-                            if not isinstance(delta, dict):
-                                raise malformed("content_block_delta without a delta")
-                            text = delta.get("text") if delta.get("type") == "text_delta" else None
-                            if isinstance(text, str) and text:
-                                arrived.append(text)
-                        elif kind == "message_delta":
-                            delta = data.get("delta")
-                            if isinstance(delta, dict) and delta.get("stop_reason"):
-                                finish = _FINISH.get(str(delta["stop_reason"]), FinishReason.STOP)
-                            usage = data.get("usage")
-                            if isinstance(usage, dict):
-                                # Cumulative counts; input fields appear here only in newer API versions.
-                                output_tokens = max(output_tokens, as_int(usage.get("output_tokens")))
-                                input_tokens = max(input_tokens, as_int(usage.get("input_tokens")))
-                                cache_read = max(cache_read, as_int(usage.get("cache_read_input_tokens")))
-                                cache_write = max(cache_write, as_int(usage.get("cache_creation_input_tokens")))
-                        elif kind == "message_stop":
-                            stopped = True
-                            break
-                        # content_block_start / content_block_stop and unknown events carry nothing we need.
+                    arrived = stream.read(batch)  # the deltas of one network read go out as one chunk
                     if arrived:
                         output.extend(arrived)
                         yield GenerationChunk(delta="".join(arrived))
-                    if stopped:
+                    if stream.stopped:
                         await self._drain(batches)
                         break
-            if not stopped and finish is None:
+            if not stream.stopped and stream.finish is None:
                 raise malformed("stream ended before message_stop")
             extra: dict[str, str] = {}
-            if have_usage:
-                usage_out = TokenUsage(input_tokens=input_tokens + cache_read + cache_write,
-                                       output_tokens=output_tokens, cached_input_tokens=cache_read)
+            if stream.have_usage:
+                usage_out = TokenUsage(input_tokens=stream.input_tokens + stream.cache_read + stream.cache_write,
+                                       output_tokens=stream.output_tokens, cached_input_tokens=stream.cache_read)
             else:
                 usage_out, extra = self.counted_usage(messages, "".join(output))
-            yield GenerationChunk(usage=usage_out, finish_reason=finish or FinishReason.STOP,
-                                  model=reported_model or served.upstream_name, provider=self.provider, extra=extra)
+            yield GenerationChunk(usage=usage_out, finish_reason=stream.finish or FinishReason.STOP,
+                                  model=stream.reported_model or served.upstream_name, provider=self.provider,
+                                  extra=extra)
         finally:
             self._running -= 1
+
+
+class _MessageStream:
+    """What a Messages API event stream said so far: text deltas, usage, stop reason."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.input_tokens = self.cache_read = self.cache_write = self.output_tokens = 0
+        self.have_usage = False
+        self.finish: FinishReason | None = None
+        self.reported_model = ""
+        self.stopped = False
+
+    def read(self, batch: Sequence[SSEEvent]) -> list[str]:
+        """The text deltas of one batch of events; stops at ``message_stop``."""
+        arrived: list[str] = []
+        for event in batch:
+            if event.event == "ping":
+                continue
+            data = parse_json(event)
+            kind = str(data.get("type") or event.event)
+            if kind == "error":
+                raise stream_error(self.provider, data.get("error"))
+            if kind == "message_start":
+                self._start(data)
+            elif kind == "content_block_delta":
+                delta = data.get("delta")
+                if not isinstance(delta, dict):
+                    raise malformed("content_block_delta without a delta")
+                text = delta.get("text") if delta.get("type") == "text_delta" else None
+                if isinstance(text, str) and text:
+                    arrived.append(text)
+            elif kind == "message_delta":
+                self._delta(data)
+            elif kind == "message_stop":
+                self.stopped = True
+                break
+            # content_block_start / content_block_stop and unknown events carry nothing we need.
+        return arrived
+
+    def _start(self, data: dict[str, Any]) -> None:
+        message = data.get("message")
+        if not isinstance(message, dict):
+            raise malformed("message_start without a message")
+        self.reported_model = str(message.get("model") or "")
+        usage = message.get("usage")
+        if isinstance(usage, dict):
+            self.have_usage = True
+            self.input_tokens = as_int(usage.get("input_tokens"))
+            self.cache_read = as_int(usage.get("cache_read_input_tokens"))
+            self.cache_write = as_int(usage.get("cache_creation_input_tokens"))
+            self.output_tokens = as_int(usage.get("output_tokens"))
+
+    def _delta(self, data: dict[str, Any]) -> None:
+        delta = data.get("delta")
+        if isinstance(delta, dict) and delta.get("stop_reason"):
+            self.finish = _FINISH.get(str(delta["stop_reason"]), FinishReason.STOP)
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            # Cumulative counts; input fields appear here only in newer API versions.
+            self.output_tokens = max(self.output_tokens, as_int(usage.get("output_tokens")))
+            self.input_tokens = max(self.input_tokens, as_int(usage.get("input_tokens")))
+            self.cache_read = max(self.cache_read, as_int(usage.get("cache_read_input_tokens")))
+            self.cache_write = max(self.cache_write, as_int(usage.get("cache_creation_input_tokens")))

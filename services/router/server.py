@@ -18,7 +18,7 @@ from libs.clients import Downstream
 from libs.grpc_server import ServiceBinding, run, serve_until_stopped
 from libs.settings import load_settings
 from services.router.control.admin_servicer import AdminServicer
-from services.router.control.bootstrap import apply_migrations
+from services.router.control.bootstrap import apply_migrations, bootstrap_at_startup, parse_default_models
 from services.router.control.experiments import ExperimentBook, ExperimentStore
 from services.router.control.keys import RevocationBus
 from services.router.control.plane import ControlPlane
@@ -63,6 +63,13 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
                 ) -> tuple[Sequence[ServiceBinding], Callable[[], Awaitable[None]]]:
     await apply_migrations(settings.database_url)
     pool = await create_pool(settings.database_url)
+    if settings.bootstrap_models_json.strip():
+        # Before the first registry load, so it already has the default models.
+        models = parse_default_models(settings.bootstrap_models_json)
+        if await bootstrap_at_startup(pool, models, Path(settings.bootstrap_admin_key_file)):
+            log.info("bootstrap: created the default admin key, written to %s", settings.bootstrap_admin_key_file)
+        else:
+            log.info("bootstrap: defaults present (%d model(s) checked); an admin key exists", len(models))
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     # Revocations are broadcast on Redis so every router rejects a revoked key at once (issue 6).
     revocations = RevocationBus(redis_client, settings.redis_prefix)

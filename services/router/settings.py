@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from libs.settings import DatabaseSettings, RedisSettings, ServiceSettings, shared_env
@@ -91,3 +91,28 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     run_ledger_writer: bool = True
     # How often the dead-letter count is checked (health `tollgate.router.v1.Ledger`, log).
     dead_letter_check_s: float = Field(10.0, gt=0)
+
+    # First start: when set, the router creates what does not exist yet at startup (after the migrations,
+    # before serving): the default org and team, these models with their prices, and an admin key if there is
+    # none. JSON list of objects with control.bootstrap.DefaultModel's fields (name, provider, inference_target,
+    # context_window, cost_tier, input_per_mtok, output_per_mtok, cached_input_per_mtok; prices in nano-USD per
+    # million tokens). `tollgate up` sets it; set it on one router of a deployment (they would agree anyway).
+    bootstrap_models_json: str = ""
+    # Where a new admin key is written (mode 0600; never logged). Required with bootstrap_models_json.
+    bootstrap_admin_key_file: str = ""
+
+    @field_validator("bootstrap_models_json")
+    @classmethod
+    def _models_parse(cls, value: str) -> str:
+        if value.strip():
+            from services.router.control.bootstrap import parse_default_models
+
+            parse_default_models(value)
+        return value
+
+    @model_validator(mode="after")
+    def _key_file_with_models(self) -> RouterSettings:
+        if self.bootstrap_models_json.strip() and not self.bootstrap_admin_key_file:
+            raise ValueError("bootstrap_admin_key_file is required with bootstrap_models_json "
+                             "(a new admin key would otherwise be lost)")
+        return self

@@ -38,8 +38,8 @@ from services.cache.semantic import SemanticTier, context_id
 from services.cache.setup_models import ensure_static_model
 from services.cache.vectors import EdgeVectorStore, QdrantClientVectorStore
 from services.cache.verifier import Verifier
-from services.cache.verifier_training import read_banking
 from tests.unit.cache.cache_test_support import chat_key
+from tools.train_verifier import read_banking
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.launcher import REPO_ROOT, LauncherSettings, Mesh, free_port
+from ops.launcher import REPO_ROOT, LauncherSettings, Mesh, free_port
 from tests.bench import gateway_harness as gh
 from tests.bench.load import measure
 from tests.bench.run import write_section
@@ -93,7 +93,7 @@ class Tollgate:
         return f"http://127.0.0.1:{self.edge_port}"
 
     def start(self) -> Tollgate:
-        from libs.cli import start_mesh
+        from ops.cli import start_mesh
 
         update: dict[str, object] = {f"{n}_port": free_port() for n in SERVICES}
         update.update({"inference_engine": "openai", "inference_models": f"{MODEL}={gh.UPSTREAM_MODEL}",

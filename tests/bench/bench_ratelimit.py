@@ -46,7 +46,7 @@ def row(path: str, c: int, r: dict[str, float]) -> str:
 
 @contextmanager
 def backends(redis_url: str, database_url: str) -> Iterator[tuple[str, str]]:
-    from libs.launcher import LocalPostgres, LocalRedis
+    from ops.launcher import LocalPostgres, LocalRedis
 
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-rl-") as tmp:
         local_redis = local_pg = None

@@ -6,7 +6,7 @@ For each data set, recall (share of true paraphrases served) and false-positive 
 (share of different-meaning pairs served):
 - verified: the verifier (number veto + tree model) at the shipped default operating point,
   **cross-validated**: every PAWS / BANKING77 pair is scored by a model trained without it
-  (PAWS grouped by sentence, BANKING77 held out by intent; see services/cache/verifier_training.py);
+  (PAWS grouped by sentence, BANKING77 held out by intent; see tools/train_verifier.py);
 - cosine@0.92: the naive cache (GPTCache/RedisVL/LiteLLM style) on the same static embedding
   at the commonly recommended threshold; cosine@same-FPR: the naive cache at the threshold where
   its FPR matches the verified one (how much recall the cosine alone buys at that precision);
@@ -29,7 +29,7 @@ import numpy as np
 from services.cache.embedding import StaticEmbedder
 from services.cache.setup_models import ensure_static_model
 from services.cache.verifier import Verifier
-from services.cache.verifier_training import (
+from tools.train_verifier import (
     PairSet,
     banking_pairs,
     cross_validate,

@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.launcher import REPO_ROOT, free_port
+from ops.launcher import REPO_ROOT, free_port
 
 LITELLM_VENV = REPO_ROOT / ".tollgate" / "bench" / "litellm-venv"
 LITELLM_VERSION = "1.106.2"

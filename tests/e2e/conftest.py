@@ -13,8 +13,8 @@ import asyncpg
 import httpx
 import pytest
 
-from libs.cli import start_mesh
-from libs.launcher import LauncherSettings, Mesh, free_port
+from ops.cli import start_mesh
+from ops.launcher import LauncherSettings, Mesh, free_port
 from tests.support import infra
 
 MODEL = "e2e-small"

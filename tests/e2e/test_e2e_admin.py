@@ -18,8 +18,8 @@ import redis.asyncio as redis
 from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
 
-from libs import cli_admin
-from libs.launcher import free_port
+from ops import admin_cli
+from ops.launcher import free_port
 from tests.e2e.conftest import MODEL, RunningMesh
 from tests.support import infra
 from tests.support.procs import ServiceProcess
@@ -58,23 +58,23 @@ def test_cli_creates_a_key_says_how_it_is_stored_and_revokes_it(mesh: RunningMes
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("TOLLGATE_ADMIN_KEY", mesh.admin_key)
     p = asyncio.run(_principal(mesh))
-    assert cli_admin.main(["key", "create", "--router", mesh.router, "--org", p.org_id, "--team", p.team_id,
+    assert admin_cli.main(["key", "create", "--router", mesh.router, "--org", p.org_id, "--team", p.team_id,
                            "--name", "from-cli"]) == 0
     out = capsys.readouterr().out
     key = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("key    :"))
     key_id = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("key id :"))
     assert key.startswith("tg-") and "shown once" in out and "sha256" in out and "brute force" in out
-    assert cli_admin.main(["key", "list", "--router", mesh.router]) == 0
+    assert admin_cli.main(["key", "list", "--router", mesh.router]) == 0
     listed = capsys.readouterr().out
     assert key_id in listed and key not in listed
-    assert cli_admin.main(["key", "revoke", "--router", mesh.router, key_id]) == 0
-    assert cli_admin.main(["audit", "--router", mesh.router, "--target", key_id]) == 0
+    assert admin_cli.main(["key", "revoke", "--router", mesh.router, key_id]) == 0
+    assert admin_cli.main(["audit", "--router", mesh.router, "--target", key_id]) == 0
     audit = capsys.readouterr().out
     assert "revoke_key" in audit and "create_key" in audit and key not in audit
     # A member key is refused with a clear message, and the key is not echoed.
     member = asyncio.run(_create_key(mesh))
     monkeypatch.setenv("TOLLGATE_ADMIN_KEY", member.key)
-    assert cli_admin.main(["key", "list", "--router", mesh.router]) == 2
+    assert admin_cli.main(["key", "list", "--router", mesh.router]) == 2
     err = capsys.readouterr().err
     assert "PERMISSION_DENIED" in err and member.key not in err
 
@@ -216,12 +216,12 @@ def test_report_and_reconcile_commands_against_the_mesh(mesh: RunningMesh, tmp_p
     key_id, _ = asyncio.run(spend())
     monkeypatch.setenv("TOLLGATE_ADMIN_KEY", mesh.admin_key)
     out = tmp_path / "report.html"
-    assert cli_admin.main(["report", "--router", mesh.router, "--out", str(out), "--days", "2", "--top", "50"]) == 0
+    assert admin_cli.main(["report", "--router", mesh.router, "--out", str(out), "--days", "2", "--top", "50"]) == 0
     page = out.read_text()
     assert MODEL in page and key_id in page and page.count("data:image/png;base64,") == 4
     capsys.readouterr()
 
-    code = cli_admin.main(["reconcile", "--router", mesh.router, "--ratelimit",
+    code = admin_cli.main(["reconcile", "--router", mesh.router, "--ratelimit",
                            f"{mesh.mesh.settings.host}:{mesh.mesh.settings.ratelimit_port}", "--json"])
     result = json.loads(capsys.readouterr().out)
     mine = [ln for ln in result["lines"] if ln["scope"] == "key" and ln["scope_id"] == key_id]

@@ -12,7 +12,7 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 # The launcher's helper, re-exported: tests and `tollgate up` pick ports the same way.
-from libs.launcher import free_port as free_port
+from ops.launcher import free_port as free_port
 
 REDIS_URL = os.environ.get("TOLLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_DATABASE_URL = os.environ.get("TOLLGATE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from libs.launcher import wait_serving
+from ops.launcher import wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 

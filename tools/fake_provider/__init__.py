@@ -1,7 +1,7 @@
 """A fake LLM provider over real HTTP (OpenAI and Anthropic APIs) with faults: a development and test tool.
 
 Never deployed, and never imported by ``libs`` or ``services``: the tests, the benchmarks and ``tollgate
-up``/``demo`` without a provider URL (``libs.launcher`` runs it as a process) use it; it is the only fake
+up``/``demo`` without a provider URL (``ops.launcher`` runs it as a process) use it; it is the only fake
 in the test suite.
 
 In-process: ``async with FakeProvider() as fp`` (or ``with FakeProvider().in_thread() as fp``);

@@ -14,7 +14,8 @@ from services.router import limits as lim
 from services.router import rpc
 from services.router import vocabulary as vocab
 from services.router.control.dead_letter_rpc import DeadLetterAdmin
-from services.router.control.experiments import DEFAULT_ALPHA, Experiment, ExperimentBook, ExperimentStore, Variant
+from services.router.control.experiment_stats import DEFAULT_ALPHA
+from services.router.control.experiments import Experiment, ExperimentBook, ExperimentStore, Variant
 from services.router.control.keys import HASH_ALGORITHM, HASH_RATIONALE, KeyAuthenticator, require_admin
 from services.router.control.plane import ControlPlane
 from services.router.control.registry import AUTO_MODEL, Registry

@@ -1,17 +1,29 @@
-"""First start of a deployment: schema, a default org/team, an admin key (printed once), default models."""
+"""First start of a deployment: schema, a default org/team, an admin key (printed once), default models.
+
+The router bootstraps itself at startup when ``TOLLGATE_ROUTER_BOOTSTRAP_MODELS_JSON`` is set
+(``server.build``): after the migrations, before the first registry load. A new admin key goes to
+``TOLLGATE_ROUTER_BOOTSTRAP_ADMIN_KEY_FILE`` (mode 0600, never logged); whoever started the router
+(``tollgate up``) reads it once the router is healthy, shows it, and deletes the file.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+from pydantic import TypeAdapter
 
 from libs.pg_migrations import migrate
 from services.router.control.plane import ControlPlane
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 BOOTSTRAP_ACTOR = "bootstrap"
+# pg_advisory_lock key held while bootstrapping, so routers starting together create one default org.
+BOOTSTRAP_LOCK_ID = 0x746F6C6C67617465  # "tollgate"
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,14 @@ class DefaultModel:
     input_per_mtok: int
     output_per_mtok: int
     cached_input_per_mtok: int
+
+
+_DEFAULT_MODELS = TypeAdapter(list[DefaultModel])
+
+
+def parse_default_models(text: str) -> list[DefaultModel]:
+    """``[{"name": ..., "provider": ..., ...}]`` (the fields of ``DefaultModel``); raises ValueError."""
+    return _DEFAULT_MODELS.validate_json(text)
 
 
 async def apply_migrations(database_url: str) -> list[int]:
@@ -61,3 +81,35 @@ async def bootstrap(pool: asyncpg.Pool, models: list[DefaultModel]) -> str | Non
     created = await control.create_key(BOOTSTRAP_ACTOR, org_id=org_id, team_id=team_id, name="bootstrap-admin",
                                        role="admin", allowed_models=[], expires_at=None)
     return created.secret
+
+
+async def bootstrap_at_startup(pool: asyncpg.Pool, models: list[DefaultModel], admin_key_file: Path) -> bool:
+    """``bootstrap`` under an advisory lock; a new admin key is written to ``admin_key_file`` (mode 0600).
+    Returns whether a key was written (False when an admin key existed already)."""
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", BOOTSTRAP_LOCK_ID)
+        try:
+            key = await bootstrap(pool, models)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", BOOTSTRAP_LOCK_ID)
+    if key is None:
+        return False
+    write_secret(admin_key_file, key)
+    return True
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path`` readable by this user only: a 0600 temporary file in the same folder,
+    renamed over ``path``, so a reader never sees a partial or world-readable file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created with mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secret + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

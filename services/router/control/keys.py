@@ -10,9 +10,9 @@ hash in one indexed lookup. Slow password hashes (bcrypt, argon2) exist for
 low-entropy human passwords and would only add latency here.
 
 Revocation reaches every router two ways: positive cache entries live at most
-``cache_ttl_s`` (1 s by default), and a revoked key id is published on a Redis
-channel that every router's :class:`RevocationBus` listens to, which evicts it
-at once (and keeps rejecting it while PostgreSQL is down and the stale cache
+``cache_ttl_s`` (``TOLLGATE_ROUTER_KEY_CACHE_TTL_S``, 0.5 s by default), and a revoked
+key id is published on a Redis channel that every router's :class:`RevocationBus`
+listens to, which evicts it at once (and keeps rejecting it while PostgreSQL is down and the stale cache
 would otherwise still serve it).
 
 """

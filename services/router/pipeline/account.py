@@ -56,7 +56,13 @@ class AccountStage:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Never silent: a settlement that crashed may have left a request unbilled.
+            log.error("settlement failed (%s); the request may be missing from the ledger", type(exc).__name__)
 
     async def _settle(self, state: RequestState) -> None:
         usage = state.billed_usage()

@@ -1,8 +1,8 @@
 """Stage 1, authenticate: bearer token -> :class:`KeyRecord`, or UNAUTHENTICATED. Fails closed.
 
 The servicer calls it before anything else (admin RPCs too). Lookups are cached in-process for
-``cache_ttl_s`` (1 s by default), and while PostgreSQL is down keys verified in the last ``stale_ttl_s``
-keep working from the cache.
+``cache_ttl_s`` (``TOLLGATE_ROUTER_KEY_CACHE_TTL_S``, 0.5 s by default), and while PostgreSQL is down
+keys verified in the last ``stale_ttl_s`` keep working from the cache.
 
 Unauthenticated callers cannot make a router grow or hammer PostgreSQL (issue 14): both key caches are
 bounded LRUs with a TTL, and a source (client IP) that caused ``failures_per_window`` failed lookups is
@@ -24,6 +24,16 @@ from cachetools import TTLCache
 
 from libs.errors import QuotaExceeded, QuotaViolation, Unauthenticated, Unavailable
 from services.router.control.keys import KEY_PREFIX, KeyRecord, hash_key
+
+
+def _bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthenticated("missing authorization metadata (expected 'Bearer tg-…')")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX):
+        raise Unauthenticated("authorization must be 'Bearer tg-…'")
+    return token
 
 
 class KeyLookup(Protocol):
@@ -106,13 +116,7 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None, source: str = "") -> KeyRecord:
         """``source`` is the caller's address (client IP): failed lookups are limited per source."""
-        if not authorization:
-            raise Unauthenticated("missing authorization metadata (expected 'Bearer tg-…')")
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX):
-            raise Unauthenticated("authorization must be 'Bearer tg-…'")
-        key_hash = hash_key(token)
+        key_hash = hash_key(_bearer_token(authorization))
         now = self._clock()
         cached = self._known.get(key_hash)
         if cached is not None and now - cached[0] < self._ttl:
@@ -120,42 +124,45 @@ class Authenticator:
         elif key_hash in self._unknown:
             raise Unauthenticated("unknown key")
         else:
-            # A token this router has not seen verified lately is a guess until PostgreSQL says otherwise, so
-            # it is charged to its source BEFORE the query: concurrent guesses cannot all pass the check while
-            # their lookups are in flight. A valid key gets its charge back. (A known key whose fresh period
-            # ended is re-read even from a failing source: it is no guess.)
-            guess = cached is None
-            if guess:
-                self._refuse_if_failing(source, now)
-                self._failed(source, now)
-            try:
-                found = await self._lookup.find_by_hash(key_hash)
-            except Unavailable:
-                if guess:
-                    self._refund(source)
-                if cached is not None:  # still within the stale period, or the cache would have dropped it
-                    record = cached[1]
-                else:
-                    raise Unavailable("cannot verify the key right now (control plane unavailable)") from None
-            else:
-                if found is None:
-                    self._unknown[key_hash] = now
-                    self._known.pop(key_hash, None)
-                    if not guess:
-                        self._failed(source, now)
-                    raise Unauthenticated("unknown key")
-                record = found
-                self._known[key_hash] = (now, record)
-                if self._valid(record):
-                    if guess:
-                        self._refund(source)
-                elif not guess:
-                    self._failed(source, now)
+            record = await self._read(key_hash, cached, source, now)
         if record.revoked or record.key_id in self._revoked:
             raise Unauthenticated("key revoked")
         if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
             raise Unauthenticated("key expired")
         return record
+
+    async def _read(self, key_hash: bytes, cached: tuple[float, KeyRecord] | None, source: str,
+                    now: float) -> KeyRecord:
+        """The key's row from PostgreSQL (or, while it is down, the stale cached one)."""
+        # A token this router has not seen verified lately is a guess until PostgreSQL says otherwise, so
+        # it is charged to its source BEFORE the query: concurrent guesses cannot all pass the check while
+        # their lookups are in flight. A valid key gets its charge back. (A known key whose fresh period
+        # ended is re-read even from a failing source: it is no guess.)
+        guess = cached is None
+        if guess:
+            self._refuse_if_failing(source, now)
+            self._failed(source, now)
+        try:
+            found = await self._lookup.find_by_hash(key_hash)
+        except Unavailable:
+            if guess:
+                self._refund(source)
+            if cached is None:
+                raise Unavailable("cannot verify the key right now (control plane unavailable)") from None
+            return cached[1]  # still within the stale period, or the cache would have dropped it
+        if found is None:
+            self._unknown[key_hash] = now
+            self._known.pop(key_hash, None)
+            if not guess:
+                self._failed(source, now)
+            raise Unauthenticated("unknown key")
+        self._known[key_hash] = (now, found)
+        if self._valid(found):
+            if guess:
+                self._refund(source)
+        elif not guess:
+            self._failed(source, now)
+        return found
 
     def _valid(self, record: KeyRecord) -> bool:
         return not (record.revoked or record.key_id in self._revoked

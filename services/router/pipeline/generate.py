@@ -27,7 +27,7 @@ from services.router.pipeline.admit import AdmitStage
 from services.router.pipeline.failover import RetryPolicy, is_context_overflow, is_retryable, retry_after
 from services.router.pipeline.ports import InferenceClient
 from services.router.pipeline.request import RequestState
-from services.router.pipeline.route import RouteStage
+from services.router.pipeline.route import RouteStage, too_long_for_every_model
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class GenerateStage:
                 except TollgateError as exc:
                     if self._after_failure(state, exc, target, this_round) == "overflow":
                         this_round.chain = self._route.after_overflow(state, this_round.chain, model, prompt_tokens)
+                        if not this_round.chain:
+                            # The backend's own count says no model with a larger window is left.
+                            raise too_long_for_every_model(prompt_tokens) from exc
                         break
                     log.warning("request %s: model %s at %s failed (%s), attempt %d of %d", state.request_id,
                                 model.name, target, exc.reason, state.attempts, self._retry.max_attempts)

@@ -22,6 +22,15 @@ from services.router.pipeline.ports import AutoRouter, ExperimentAssigner
 from services.router.pipeline.request import GenerateCommand, RequestState
 
 
+def too_long_for_every_model(prompt_tokens: int) -> InvalidArgument:
+    """The refusal of a prompt no model this key may use can take (no retry can serve it)."""
+    error = InvalidArgument([FieldViolation(
+        "input.messages", f"about {prompt_tokens} prompt tokens do not fit the context window of any "
+                          "model this key may use")])
+    error.reason = CONTEXT_WINDOW_EXCEEDED
+    return error
+
+
 class ReducedMode(Protocol):
     def reduced_mode(self) -> tuple[str, str]: ...
 
@@ -149,11 +158,7 @@ class RouteStage:
         bigger = larger_window(self.available_models(state.key), max(m.context_window for m in chain),
                                prompt_tokens, chain[0].cost_tier)
         if bigger is None:
-            error = InvalidArgument([FieldViolation(
-                "input.messages", f"about {prompt_tokens} prompt tokens do not fit the context window of any "
-                                  "model this key may use")])
-            error.reason = CONTEXT_WINDOW_EXCEEDED
-            raise error
+            raise too_long_for_every_model(prompt_tokens)
         state.add_route_reason(f"context window: {chain[0].name} ({chain[0].context_window}) -> {bigger.name} "
                                f"({bigger.context_window})")
         return [bigger]

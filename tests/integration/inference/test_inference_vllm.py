@@ -210,7 +210,7 @@ async def test_router_stream_cancelled_mid_way_is_billed_for_the_tokens_the_engi
     from services.router.downstreams import GrpcInferenceClient
     from services.router.pipeline.gateway import Gateway
     from services.router.pipeline.request import CachePolicy, GenerateCommand, Summary
-    from tests.unit.router.test_gateway import KEY, Ledger, MemoryCache, MemoryLimiter, _registry
+    from tests.support.router import KEY, Ledger, MemoryCache, MemoryLimiter, registry_of
 
     settings = InferenceSettings(port=0, engine="vllm", served_models=MODEL_NAME, vllm_max_num_seqs=8,
                                  vllm_max_model_len=1024)
@@ -228,7 +228,7 @@ async def test_router_stream_cancelled_mid_way_is_billed_for_the_tokens_the_engi
 
     client.generate = counting_generate  # type: ignore[method-assign,assignment]
     limiter, ledger = MemoryLimiter(), Ledger()
-    gateway = Gateway(registry=_registry(ModelEntry(MODEL_NAME, "vllm", f"127.0.0.1:{port}", 1024, "cheap")),
+    gateway = Gateway(registry=registry_of(ModelEntry(MODEL_NAME, "vllm", f"127.0.0.1:{port}", 1024, "cheap")),
                       cache=MemoryCache(), ratelimit=limiter, inference=client, usage=ledger,
                       default_max_output_tokens=400, side_call_timeout_s=1)
     try:

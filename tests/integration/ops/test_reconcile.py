@@ -1,6 +1,7 @@
-"""Reconciliation against the real ratelimit service (in-process, real gRPC, Redis and PostgreSQL):
-budgets set through the control plane, spend committed through Reserve/Commit, the ledger written
-beside it; then the books are compared, a lost ledger event shows up, and --fix repairs a counter."""
+"""Reconciliation against the real ratelimit service and the router's AdminService (both in-process, real
+gRPC, Redis and PostgreSQL; read as ``tollgate reconcile`` reads them): budgets set through the control
+plane, spend committed through Reserve/Commit, the ledger written beside it; then the books are compared,
+a lost ledger event shows up, and --fix repairs a counter."""
 
 from __future__ import annotations
 
@@ -16,14 +17,13 @@ import pytest
 from tollgate.common.v1 import common_pb2
 from tollgate.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 
-from libs.cli_admin import RateLimitCounters
 from libs.grpc_server import GrpcServer
+from ops.admin_cli import AdminApi, RateLimitCounters
+from ops.reconcile import reconcile
 from services.ratelimit.server import build
 from services.ratelimit.settings import RateLimitSettings
-from services.router.control.bootstrap import apply_migrations
 from services.router.control.plane import ControlPlane
-from services.router.db import create_pool
-from services.router.reconcile import reconcile
+from tests.integration.ops.conftest import RouterAdmin
 
 ORG, TEAM = "org_r", "team_r"
 
@@ -31,6 +31,7 @@ ORG, TEAM = "org_r", "team_r"
 @dataclass
 class Books:
     control: ControlPlane
+    ledger: AdminApi  # the router's AdminService
     pool: asyncpg.Pool
     limiter: ratelimit_pb2_grpc.RateLimitServiceStub
     counters: RateLimitCounters
@@ -38,10 +39,9 @@ class Books:
 
 
 @pytest.fixture
-async def books(clean_env: None, database_url: str, redis_url: str, redis_prefix: str) -> AsyncIterator[Books]:
-    await apply_migrations(database_url)
-    pool = await create_pool(database_url)
-    control = ControlPlane(pool)
+async def books(router_admin: RouterAdmin, database_url: str, redis_url: str,
+                redis_prefix: str) -> AsyncIterator[Books]:
+    pool, control = router_admin.pool, router_admin.control
     async with pool.acquire() as conn:
         await conn.execute("INSERT INTO orgs (org_id, name) VALUES ($1, 'r')", ORG)
         await conn.execute("INSERT INTO teams (team_id, org_id, name) VALUES ($1, $2, 'r')", TEAM, ORG)
@@ -59,13 +59,12 @@ async def books(clean_env: None, database_url: str, redis_url: str, redis_prefix
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield Books(control, pool, ratelimit_pb2_grpc.RateLimitServiceStub(channel), RateLimitCounters(channel),
-                    keys)
+        yield Books(control, router_admin.api, pool, ratelimit_pb2_grpc.RateLimitServiceStub(channel),
+                    RateLimitCounters(channel), keys)
     finally:
         await channel.close()
         await server.stop(0)
         await close()
-        await pool.close()
 
 
 def _principal(key: str) -> common_pb2.Principal:
@@ -110,7 +109,7 @@ async def test_books_that_agree_and_a_lost_ledger_event(books: Books) -> None:
     for key, cost in ((a, 1_000_000), (a, 2_500_000), (b, 7_000)):
         await _spend(books, key, cost)
     await _spend(books, b, 999, settle=False, in_ledger=False)  # in flight: reserved, neither spend nor ledger
-    result = await reconcile(books.control, books.counters)
+    result = await reconcile(books.ledger, books.counters)
     assert result.differences == [], result.render_text()
     compared = {(ln.scope, ln.scope_id, ln.period): ln for ln in result.lines if ln.counter_nano_usd is not None}
     assert compared[("key", a, "day")].counter_nano_usd == 3_500_000
@@ -119,7 +118,7 @@ async def test_books_that_agree_and_a_lost_ledger_event(books: Books) -> None:
 
     # A request the limiter charged but whose usage event never reached the ledger.
     await _spend(books, b, 40_000, in_ledger=False)
-    result = await reconcile(books.control, books.counters, tolerance_nano_usd=100)
+    result = await reconcile(books.ledger, books.counters, tolerance_nano_usd=100)
     diffs = {(d.scope, d.scope_id, d.period): d.difference_nano_usd for d in result.differences}
     assert diffs == {("key", b, "day"): 40_000, ("key", b, "month"): 40_000,
                      ("team", TEAM, "day"): 40_000, ("team", TEAM, "month"): 40_000}
@@ -137,9 +136,9 @@ async def test_fix_raises_a_counter_that_missed_spend(books: Books) -> None:
             "input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, saved_nano_usd, cache_tier, status, "
             "latency_ms) VALUES ('lost-commit', $1, $1, $2, $3, $4, 'm', 'p', 1, 1, 0, 20000, 0, 'miss', 'ok', 1)",
             now, ORG, TEAM, a)
-    before = await reconcile(books.control, books.counters, fix=True)
+    before = await reconcile(books.ledger, books.counters, fix=True)
     assert {(d.scope, d.period) for d in before.differences} == {("key", "day"), ("key", "month"),
                                                                 ("team", "day"), ("team", "month")}
     assert all(d.fixed_to_nano_usd == d.ledger_nano_usd for d in before.differences)
-    after = await reconcile(books.control, books.counters)
+    after = await reconcile(books.ledger, books.counters)
     assert after.differences == [], after.render_text()

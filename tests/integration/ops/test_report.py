@@ -1,4 +1,5 @@
-"""The cost report from seeded ledger rows in a real PostgreSQL: the numbers, the page, the CLI."""
+"""The cost report from seeded ledger rows in a real PostgreSQL, read through the router's AdminService over
+real gRPC (as ``tollgate report`` reads it): the numbers, the page, the CLI."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from libs import cli_admin
-from services.router.control.bootstrap import apply_migrations
+from ops import admin_cli
+from ops.report import collect, render_html, savings_chart, stacked_spend_chart, usd
 from services.router.control.plane import ControlPlane
-from services.router.db import create_pool
-from services.router.reporting import collect, render_html, savings_chart, stacked_spend_chart, usd
+from tests.integration.ops.conftest import RouterAdmin
 
 DAY1 = datetime(2026, 3, 1, 10, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)
@@ -59,9 +59,9 @@ def _pngs(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
 
 
-async def test_report_numbers_from_the_ledger(pool: asyncpg.Pool) -> None:
-    ids = await _seed(pool)
-    report = await collect(ControlPlane(pool), START, END)
+async def test_report_numbers_from_the_ledger(router_admin: RouterAdmin) -> None:
+    ids = await _seed(router_admin.pool)
+    report = await collect(router_admin.api, START, END)
     t = report.totals
     assert (t.requests, t.cost_nano_usd, t.saved_nano_usd) == (7, 5_750_450_000, 2_200_000_000)  # "old" is outside
     assert (t.cache_hits, t.errors, t.cancelled) == (2, 1, 1)
@@ -77,9 +77,9 @@ async def test_report_numbers_from_the_ledger(pool: asyncpg.Pool) -> None:
     assert report.cache_hit_rate == pytest.approx(2 / 7)
 
 
-async def test_report_page_is_self_contained_and_shows_the_numbers(pool: asyncpg.Pool, tmp_path: Path) -> None:
-    await _seed(pool)
-    page = render_html(await collect(ControlPlane(pool), START, END))
+async def test_report_page_is_self_contained_and_shows_the_numbers(router_admin: RouterAdmin, tmp_path: Path) -> None:
+    await _seed(router_admin.pool)
+    page = render_html(await collect(router_admin.api, START, END))
     for text in ("$5.75045", "$2.20", "$4.00045", "$1.75", "bidder", "crawler", "ads", "search",
                  "28.6%", 'data-nano-usd="5750450000"', "Spend by team",
                  "Cache savings", "Top keys"):
@@ -104,19 +104,15 @@ def test_charts_render_with_no_data_and_with_many_series() -> None:
     assert stacked_spend_chart("many", many, days).startswith(b"\x89PNG")
 
 
-def test_report_command_writes_the_page(database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    async def seed() -> None:
-        await apply_migrations(database_url)
-        p = await create_pool(database_url)
-        try:
-            await _seed(p)
-        finally:
-            await p.close()
-
-    asyncio.run(seed())
+async def test_report_command_writes_the_page(router_admin: RouterAdmin, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    await _seed(router_admin.pool)
+    monkeypatch.setenv("TOLLGATE_ADMIN_KEY", router_admin.admin_key)
     out = tmp_path / "out" / "report.html"
-    code = cli_admin.main(["report", "--database-url", database_url, "--out", str(out), "--start", "2026-03-01",
-                           "--end", "2026-03-03"])
+    # In a thread: the command runs its own event loop, the router serves on this one.
+    code = await asyncio.to_thread(admin_cli.main, [
+        "report", "--router", router_admin.address, "--out", str(out), "--start", "2026-03-01", "--end", "2026-03-03"])
     assert code == 0
     page = out.read_text()
     assert usd(5_750_450_000) in page and len(_pngs(page)) == 4
@@ -126,11 +122,11 @@ def test_report_command_writes_the_page(database_url: str, tmp_path: Path, capsy
 def test_report_command_needs_an_admin_key_for_the_router(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("TOLLGATE_ADMIN_KEY", raising=False)
-    assert cli_admin.main(["report", "--out", str(tmp_path / "r.html")]) == 2
+    assert admin_cli.main(["report", "--out", str(tmp_path / "r.html")]) == 2
     assert "admin key" in capsys.readouterr().err
 
 
-async def test_savings_chart_draws(pool: asyncpg.Pool) -> None:
-    await _seed(pool)
-    report = await collect(ControlPlane(pool), START, END)
+async def test_savings_chart_draws(router_admin: RouterAdmin) -> None:
+    await _seed(router_admin.pool)
+    report = await collect(router_admin.api, START, END)
     assert savings_chart(report).startswith(b"\x89PNG")

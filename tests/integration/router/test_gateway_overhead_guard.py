@@ -32,8 +32,8 @@ from tollgate.common.v1 import common_pb2
 from tollgate.inference.v1 import inference_pb2, inference_pb2_grpc
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
 
-from libs.cli import start_mesh
-from libs.launcher import LauncherSettings, Mesh, free_port
+from ops.cli import start_mesh
+from ops.launcher import LauncherSettings, Mesh, free_port
 from tests.bench.gateway_harness import random_prompt
 from tests.support import infra
 

@@ -14,8 +14,8 @@ from services.cache.semantic import SemanticTier, UnavailableTier
 from services.cache.server import build_semantic
 from services.cache.settings import CacheSettings
 from services.cache.verifier import DEFAULT_MODEL_PATH, PROBE_TOLERANCE, Verifier
-from services.cache.verifier_training import PROBE_PAIRS
 from tests.unit.cache.cache_test_support import static_model_dir
+from tools.train_verifier import PROBE_PAIRS
 
 
 class RelabelledEmbedder:

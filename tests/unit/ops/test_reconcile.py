@@ -6,10 +6,8 @@ import json
 from datetime import UTC, datetime
 
 from libs.chat import Principal
-from services.router.control.keys import KeyRecord
-from services.router.control.plane import KeyListing, UsageRow
-from services.router.reconcile import SpendCounter, period_bounds, reconcile, roll_up
-from services.router.reporting import usd
+from ops.reconcile import SpendCounter, period_bounds, reconcile, roll_up
+from ops.report import KeyRow, UsageRow, usd
 
 NOW = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 
@@ -19,7 +17,7 @@ def _row(org: str, team: str, key: str, cost: int) -> UsageRow:
 
 
 class Ledger:
-    def __init__(self, day: list[UsageRow], month: list[UsageRow], keys: tuple[KeyRecord, ...] = ()) -> None:
+    def __init__(self, day: list[UsageRow], month: list[UsageRow], keys: tuple[KeyRow, ...] = ()) -> None:
         self.day, self.month, self.keys = day, month, list(keys)
         self.calls: list[tuple[datetime, datetime, list[str]]] = []
 
@@ -27,8 +25,8 @@ class Ledger:
         self.calls.append((start, end, group_by))
         return self.day if (end - start).days == 1 else self.month
 
-    async def list_keys(self, org_id: str, team_id: str) -> list[KeyListing]:
-        return [KeyListing(k, k.key_id, "tg-xxxxxxx", NOW) for k in self.keys]
+    async def list_keys(self, org_id: str, team_id: str) -> list[KeyRow]:
+        return list(self.keys)
 
 
 class Counters:
@@ -87,7 +85,7 @@ async def test_differences_beyond_the_tolerance_are_reported() -> None:
     day = [_row("o", "t", "k1", 1_000)]
     month = [_row("o", "t", "k1", 9_000)]
     # A key the ledger never saw (a lost event?) that the limiter charged.
-    silent = KeyRecord("k9", Principal("o", "t", "k9"), "member", (), None, False)
+    silent = KeyRow("k9", Principal("o", "t", "k9"), "k9", revoked=False)
     counters = Counters([SpendCounter("key", "k1", "day", 1_040, 0), SpendCounter("team", "t", "month", 8_000, 0),
                          SpendCounter("key", "k9", "day", 123, 0)])
     result = await reconcile(Ledger(day, month, (silent,)), counters, now=NOW, tolerance_nano_usd=50)

@@ -22,8 +22,8 @@ from services.router.control.keys import KeyRecord, hash_key, new_key
 from services.router.pipeline.authenticate import Authenticator, AuthLimits
 from services.router.servicer import RouterServicer
 from services.router.settings import RouterSettings
-from tests.unit.router.test_gateway import Ledger, MemoryLimiter, _gateway
-from tests.unit.router.test_key_cache_bounds import CountingLookup
+from tests.support.router import Ledger, MemoryLimiter, scripted_gateway
+from tests.unit.router.pipeline.test_authenticate_bounds import CountingLookup
 
 N_FAILURES = 5
 
@@ -42,7 +42,7 @@ class Router:
 
 @pytest.fixture
 async def router() -> AsyncIterator[Router]:
-    gateway, _, limiter, _, ledger = _gateway({"t-primary": "ok", "t-backup": "ok"})
+    gateway, _, limiter, _, ledger = scripted_gateway({"t-primary": "ok", "t-backup": "ok"})
     lookup = CountingLookup()
     key = new_key()
     lookup.rows[hash_key(key)] = KeyRecord("k1", Principal("org1", "team1", "k1"), "member", (), None, False)

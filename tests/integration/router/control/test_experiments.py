@@ -14,22 +14,15 @@ import grpc
 import pytest
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
 
-from libs import cli_admin
 from libs.chat import Principal
 from libs.errors import AlreadyExists, InvalidArgument, NotFound
 from libs.grpc_errors import domain_error_from_rpc
 from libs.grpc_server import GrpcServer, ServiceBinding
+from ops import admin_cli as cli_admin
 from services.router.control.admin_servicer import AdminServicer
 from services.router.control.bootstrap import DefaultModel, apply_migrations, bootstrap
-from services.router.control.experiments import (
-    DOWN,
-    UP,
-    ExperimentBook,
-    ExperimentStore,
-    Variant,
-    variant_label,
-    welch_t_test,
-)
+from services.router.control.experiment_stats import welch_t_test
+from services.router.control.experiments import DOWN, UP, ExperimentBook, ExperimentStore, Variant, variant_label
 from services.router.control.plane import ControlPlane
 from services.router.control.registry import Registry
 from services.router.db import create_pool

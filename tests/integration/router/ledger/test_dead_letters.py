@@ -41,7 +41,7 @@ from services.router.pipeline.authenticate import Authenticator
 from services.router.settings import RouterSettings
 from tests.support.usage import usage_event
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 SECRET = "s3cr3t-value-9931"  # a value that must never show up in a reason
 
 
@@ -292,7 +292,7 @@ async def test_an_id_redis_would_refuse_is_invalid_argument(mesh: Mesh, bad_id: 
 async def _cli(m: Mesh, *args: str, stdin: bytes | None = None) -> tuple[int, str]:
     """The `tollgate` console script's entry point, as its own process."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from libs.cli import main; main()", *args, "--router", m.address, cwd=ROOT,
+        sys.executable, "-c", "from ops.cli import main; main()", *args, "--router", m.address, cwd=ROOT,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "TOLLGATE_ADMIN_KEY": m.admin_key})
     out, _ = await asyncio.wait_for(proc.communicate(stdin), 60)

@@ -29,7 +29,7 @@ from services.router.ledger.spool import UsageRecorder
 from services.router.ledger.writer import LedgerWriter
 from tests.support.usage import usage_event
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 DOWN_URL = "redis://127.0.0.1:1/0"  # nothing listens: every XADD fails at once and the event is spooled
 
 

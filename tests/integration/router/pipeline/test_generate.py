@@ -24,7 +24,7 @@ from services.router.pipeline.gateway import Gateway
 from services.router.pipeline.request import CachePolicy, GenerateCommand, Summary
 from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
 from tests.support.inference import inference_replica
-from tests.unit.router.test_gateway import Ledger, MemoryCache, MemoryLimiter, _registry
+from tests.support.router import Ledger, MemoryCache, MemoryLimiter, registry_of
 from tools.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,7 +52,7 @@ async def _mesh(*, shedder: LoadShedder | None = None, max_concurrency: int = 64
         b = await stack.enter_async_context(inference_replica(backup, "backup", max_concurrency=max_concurrency))
         client = GrpcInferenceClient(margin_s=0.01, cap_s=30, fail_max=FAIL_MAX, reset_timeout_s=RESET_S,
                                      load_poll_s=0.1)
-        registry = _registry(ModelEntry("primary", "fake", a, 8192, "strong"),
+        registry = registry_of(ModelEntry("primary", "fake", a, 8192, "strong"),
                              ModelEntry("backup", "fake", b, 8192, "cheap"))
         gateway = Gateway(registry=registry, cache=MemoryCache(), ratelimit=MemoryLimiter(), inference=client,
                           usage=Ledger(), default_max_output_tokens=64, side_call_timeout_s=1,

@@ -10,21 +10,23 @@ from datetime import UTC, datetime
 import pytest
 
 from libs.errors import InvalidArgument
-from services.router.control.experiments import (
+from services.router.control.experiment_stats import (
     METRICS,
-    Experiment,
-    ExperimentBook,
-    Variant,
     VariantStats,
-    assign,
     betainc,
-    bucket,
     build_report,
     t_two_sided_p,
     two_proportion_z_test,
+    welch_t_test,
+)
+from services.router.control.experiments import (
+    Experiment,
+    ExperimentBook,
+    Variant,
+    assign,
+    bucket,
     validate,
     variant_label,
-    welch_t_test,
 )
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -255,18 +257,3 @@ def test_alpha_must_be_a_probability() -> None:
     with pytest.raises(InvalidArgument) as err:
         build_report(_exp(), {}, alpha=1.5)
     assert [v.field for v in err.value.violations] == ["alpha"]
-
-
-def test_cli_variant_syntax() -> None:
-    from libs.cli_admin import parse_variant
-
-    v = parse_variant("treatment=m-large:3")
-    assert (v.name, v.model, v.weight) == ("treatment", "m-large", 3.0)
-    v = parse_variant("control=llama3:8b")  # not a weight: part of the model name
-    assert (v.name, v.model, v.weight) == ("control", "llama3:8b", 1.0)
-    v = parse_variant("x=ollama:llama3:0.5")
-    assert (v.name, v.model, v.weight) == ("x", "ollama:llama3", 0.5)
-    import argparse
-
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_variant("no-equals-sign")

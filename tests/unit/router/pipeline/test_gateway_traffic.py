@@ -22,16 +22,7 @@ from services.router.pipeline.gateway import Gateway
 from services.router.pipeline.ports import CachedAnswer
 from services.router.pipeline.request import GenerateCommand, Summary
 from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
-from tests.unit.router.test_gateway import (
-    BACKUP,
-    KEY,
-    PRIMARY,
-    Ledger,
-    MemoryCache,
-    MemoryLimiter,
-    _cmd,
-    _registry,
-)
+from tests.support.router import BACKUP, KEY, PRIMARY, Ledger, MemoryCache, MemoryLimiter, command, registry_of
 
 
 class Backends:
@@ -86,7 +77,7 @@ class Backends:
 def _gw(scripts: dict[str, list[str]], *models: ModelEntry, **kw: object) -> tuple[Gateway, Backends, MemoryCache]:
     backends, cache = Backends(scripts), MemoryCache()
     kw.setdefault("ratelimit", MemoryLimiter())
-    gw = Gateway(registry=_registry(*(models or (PRIMARY, BACKUP))), cache=cache, inference=backends, usage=Ledger(),
+    gw = Gateway(registry=registry_of(*(models or (PRIMARY, BACKUP))), cache=cache, inference=backends, usage=Ledger(),
                  default_max_output_tokens=100, side_call_timeout_s=0.5, **kw)  # type: ignore[arg-type]
     return gw, backends, cache
 
@@ -105,7 +96,7 @@ async def _run(gw: Gateway, cmd: GenerateCommand, *, key: KeyRecord = KEY, timeo
 
 async def test_a_failed_round_is_retried_after_a_backoff_within_the_attempt_budget() -> None:
     gw, backends, _ = _gw({"t-primary": ["down", "ok"]}, retry=RetryPolicy(max_attempts=3, backoff_base_s=0.05))
-    s = await _run(gw, _cmd())
+    s = await _run(gw, command())
     assert s.model == "primary" and s.attempts == 2 and backends.targets_called() == ["t-primary", "t-primary"]
 
 
@@ -113,7 +104,7 @@ async def test_the_attempt_budget_bounds_the_work_per_request() -> None:
     gw, backends, _ = _gw({"t-primary": ["down"], "t-backup": ["down"]},
                           retry=RetryPolicy(max_attempts=3, backoff_base_s=0.01))
     with pytest.raises(Unavailable) as err:
-        await _run(gw, _cmd(fallback_models=("backup",)))
+        await _run(gw, command(fallback_models=("backup",)))
     assert err.value.reason == "NO_BACKEND"
     assert backends.targets_called() == ["t-primary", "t-backup", "t-primary"]
 
@@ -123,23 +114,23 @@ async def test_no_retry_is_started_past_the_callers_deadline() -> None:
     gw, backends, _ = _gw({"t-primary": ["429"]}, retry=RetryPolicy(max_attempts=4))
     t0 = time.monotonic()
     with pytest.raises(Unavailable):
-        await _run(gw, _cmd(), timeout_s=0.15)
+        await _run(gw, command(), timeout_s=0.15)
     assert time.monotonic() - t0 < 0.15
     assert len(backends.calls) == 1
 
 
 async def test_a_429_cools_the_backend_down_for_its_retry_after_and_is_then_retried() -> None:
     gw, backends, _ = _gw({"t-primary": ["429", "ok"]}, retry=RetryPolicy(max_attempts=3, backoff_base_s=0.01))
-    s = await _run(gw, _cmd(), timeout_s=2)
+    s = await _run(gw, command(), timeout_s=2)
     (_, first), (_, second) = backends.calls
     assert s.model == "primary" and second - first >= 0.19  # honoured retry-after, not the 10 ms backoff
 
 
 async def test_a_429_moves_traffic_to_the_fallback_at_once() -> None:
     gw, backends, _ = _gw({"t-primary": ["429"], "t-backup": ["ok"]})
-    s = await _run(gw, _cmd(fallback_models=("backup",), cache=_no_cache()))
+    s = await _run(gw, command(fallback_models=("backup",), cache=_no_cache()))
     assert s.model == "backup" and backends.targets_called() == ["t-primary", "t-backup"]
-    s2 = await _run(gw, _cmd(fallback_models=("backup",), cache=_no_cache()))  # still cooling: not even tried
+    s2 = await _run(gw, command(fallback_models=("backup",), cache=_no_cache()))  # still cooling: not even tried
     assert s2.model == "backup" and backends.targets_called()[-1] == "t-backup" and len(backends.calls) == 3
 
 
@@ -152,10 +143,10 @@ async def test_bad_input_is_not_retried() -> None:
             yield GenerationChunk()  # pragma: no cover
 
     backends = Rejecting({})
-    gw = Gateway(registry=_registry(PRIMARY, BACKUP), cache=MemoryCache(), ratelimit=MemoryLimiter(),
+    gw = Gateway(registry=registry_of(PRIMARY, BACKUP), cache=MemoryCache(), ratelimit=MemoryLimiter(),
                  inference=backends, usage=Ledger(), default_max_output_tokens=100, side_call_timeout_s=0.5)
     with pytest.raises(InvalidArgument):
-        await _run(gw, _cmd(fallback_models=("backup",)))
+        await _run(gw, command(fallback_models=("backup",)))
     assert len(backends.calls) == 1
 
 
@@ -178,7 +169,7 @@ async def test_a_prompt_too_long_for_the_model_goes_to_one_with_a_larger_window(
 async def test_a_backend_overflow_falls_back_to_a_larger_window() -> None:
     # The router's estimate said it fits; the backend's tokenizer disagreed.
     gw, backends, _ = _gw({"t-small": ["overflow"], "t-large": ["ok"]}, SMALL, LARGE)
-    s = await _run(gw, _cmd("small"))
+    s = await _run(gw, command("small"))
     assert s.model == "large" and backends.targets_called() == ["t-small", "t-large"]
 
 
@@ -203,7 +194,7 @@ async def test_reduced_mode_serves_the_cheaper_model_and_says_why() -> None:
     for failed in (True, False, False, False):  # 25 % errors: reduced
         controller.record(failed=failed)
     gw, backends, _ = _gw({"t-primary": ["ok"], "t-backup": ["ok"]}, degradation=controller)
-    s = await _run(gw, _cmd())
+    s = await _run(gw, command())
     assert s.model == "backup" and s.degradation_level == "reduced" and backends.targets_called() == ["t-backup"]
     assert s.degraded_reasons == ["backend_errors"] and "error rate 25%" in s.degraded_detail
 
@@ -214,7 +205,7 @@ async def test_cache_only_serves_stale_answers_and_otherwise_is_unavailable_with
         controller.record(failed=True)
     controller.allow_probe()  # the interval's probe is spent
     gw, backends, cache = _gw({"t-primary": ["ok"]}, degradation=controller)
-    cmd = _cmd()
+    cmd = command()
     key = ("org1", "capital of France?")
     cache.entries[key] = CachedAnswer("old answer", TokenUsage(10, 3, 0), "primary", "exact", True)
     cache.stale_only.add(key)
@@ -287,23 +278,23 @@ async def test_under_load_free_is_shed_first_then_pro_and_enterprise_last() -> N
     gw, _, _ = _gw({"t-primary": ["slow"]}, shedder=shedder)
     held: list[asyncio.Task[Summary]] = []
     for _ in range(5):  # five free generations hold half of the capacity
-        held.append(asyncio.create_task(_run(gw, _cmd(cache=_no_cache()), key=FREE_KEY)))
+        held.append(asyncio.create_task(_run(gw, command(cache=_no_cache()), key=FREE_KEY)))
     await asyncio.sleep(0.05)
     assert shedder.in_flight == 5
     with pytest.raises(Overloaded) as err:
-        await _run(gw, _cmd(cache=_no_cache()), key=FREE_KEY)
+        await _run(gw, command(cache=_no_cache()), key=FREE_KEY)
     assert err.value.retry_after_s == 2 and "free-tier" in err.value.message
     for _ in range(3):  # pro still gets in, up to 80 %
-        held.append(asyncio.create_task(_run(gw, _cmd(cache=_no_cache()), key=KEY)))
+        held.append(asyncio.create_task(_run(gw, command(cache=_no_cache()), key=KEY)))
     await asyncio.sleep(0.05)
     with pytest.raises(Overloaded):
-        await _run(gw, _cmd(cache=_no_cache()), key=KEY)
-    held.append(asyncio.create_task(_run(gw, _cmd(cache=_no_cache()), key=ENTERPRISE_KEY)))
+        await _run(gw, command(cache=_no_cache()), key=KEY)
+    held.append(asyncio.create_task(_run(gw, command(cache=_no_cache()), key=ENTERPRISE_KEY)))
     await asyncio.sleep(0.05)
     assert shedder.in_flight == 9 and shedder.shed == {"free": 1, "pro": 1, "enterprise": 0}
     # A LOW-priority enterprise request is shed like free traffic.
     with pytest.raises(Overloaded):
-        await _run(gw, _cmd(cache=_no_cache(), priority="low"), key=ENTERPRISE_KEY)
+        await _run(gw, command(cache=_no_cache(), priority="low"), key=ENTERPRISE_KEY)
     for task in held:
         task.cancel()
     await asyncio.gather(*held, return_exceptions=True)
@@ -315,7 +306,7 @@ async def test_cache_hits_are_served_even_when_shedding() -> None:
     gw, backends, cache = _gw({"t-primary": ["ok"]}, shedder=shedder)
     cache.entries[("org1", "capital of France?")] = CachedAnswer("Paris", TokenUsage(10, 3, 0), "primary", "exact",
                                                                  False)
-    s = await _run(gw, _cmd(), key=FREE_KEY)
+    s = await _run(gw, command(), key=FREE_KEY)
     assert s.cache_tier == "exact" and not backends.calls
 
 
@@ -338,7 +329,7 @@ class FixedRouter:
 async def test_auto_follows_the_complexity_router_with_the_other_tier_as_fallback() -> None:
     gw, backends, _ = _gw({"t-primary": ["down"], "t-backup": ["ok"]}, auto_router=FixedRouter("strong"),
                           retry=RetryPolicy(max_attempts=2))
-    s = await _run(gw, _cmd("auto"))
+    s = await _run(gw, command("auto"))
     assert backends.targets_called() == ["t-primary", "t-backup"] and s.model == "backup"
     assert s.route_reason.startswith("auto: strong tier")
 
@@ -351,7 +342,7 @@ async def test_an_experiment_assigns_sticky_variants_and_labels_the_ledger() -> 
     seen: dict[str, set[str]] = {}
     for user in ("u1", "u2", "u3", "u4", "u5", "u6"):
         for _ in range(2):
-            s = await _run(gw, _cmd("auto", user_id=user, cache=_no_cache()))
+            s = await _run(gw, command("auto", user_id=user, cache=_no_cache()))
             seen.setdefault(user, set()).add(s.variant)
             assert s.model == ("backup" if s.variant == "exp1/control" else "primary")
     assert all(len(v) == 1 for v in seen.values())  # sticky
@@ -372,13 +363,13 @@ async def test_lookup_and_reservation_run_concurrently_and_a_hit_releases_the_re
             return await super().reserve(*args, **kwargs)  # type: ignore[arg-type]
 
     backends, cache, limiter = Backends({"t-primary": ["ok"]}), SlowCache(), SlowLimiter()
-    gw = Gateway(registry=_registry(PRIMARY, BACKUP), cache=cache, ratelimit=limiter, inference=backends,
+    gw = Gateway(registry=registry_of(PRIMARY, BACKUP), cache=cache, ratelimit=limiter, inference=backends,
                  usage=Ledger(), default_max_output_tokens=100, side_call_timeout_s=1)
     t0 = time.monotonic()
-    miss = await _run(gw, _cmd())
+    miss = await _run(gw, command())
     assert time.monotonic() - t0 < 0.18  # 0.1 s + 0.1 s in sequence would be 0.2 s
     assert limiter.committed[miss.request_id] == 11
-    hit = await _run(gw, _cmd())
+    hit = await _run(gw, command())
     assert hit.cache_tier == "exact"
     assert hit.request_id in limiter.released and hit.request_id not in limiter.committed
 
@@ -397,15 +388,15 @@ def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
 async def test_when_most_lookups_hit_the_reservation_waits_for_the_miss() -> None:
     limiter = MemoryLimiter()
     gw, _, cache = _gw({"t-primary": ["ok"]}, ratelimit=limiter)
-    await _run(gw, _cmd())  # stored
+    await _run(gw, command())  # stored
     for _ in range(40):  # a hit-heavy stream of requests
-        await _run(gw, _cmd())
+        await _run(gw, command())
     released_before = len(limiter.released)
     for _ in range(5):
-        await _run(gw, _cmd())
+        await _run(gw, command())
     assert len(limiter.released) == released_before  # no speculative reserve + release per hit any more
     cache.entries.clear()
-    miss = await _run(gw, _cmd())
+    miss = await _run(gw, command())
     assert miss.cache_tier == "miss" and limiter.committed[miss.request_id] == 11  # a miss still reserves
 
 
@@ -416,7 +407,7 @@ async def test_in_cache_only_mode_a_hit_does_not_use_up_the_probe() -> None:
     gw, backends, cache = _gw({"t-primary": ["ok"]}, degradation=controller)
     cache.entries[("org1", "capital of France?")] = CachedAnswer("Paris", TokenUsage(10, 3, 0), "primary", "exact",
                                                                  False)
-    assert (await _run(gw, _cmd())).cache_tier == "exact" and not backends.calls
+    assert (await _run(gw, command())).cache_tier == "exact" and not backends.calls
     probe = await _run(gw, GenerateCommand(model="primary", messages=[ChatMessage(Role.USER, "new question")],
                                            params=GenerationParams(temperature=0.0)))
     assert probe.cache_tier == "miss" and backends.targets_called() == ["t-primary"]  # the interval's probe

@@ -2,7 +2,7 @@
 
 Reproduce the shipped model::
 
-    .venv/bin/python -m services.cache.verifier_training \\
+    .venv/bin/python -m tools.train_verifier \\
         --data ../shared/data --out services/cache/models/verifier.json
 
 Data (never copied into the repo):
@@ -301,7 +301,7 @@ def choose_threshold(scores: Sequence[F64], veto: Sequence[npt.NDArray[np.bool_]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--model-dir", type=Path, default=None, help="static embedding model (default: set up one)")
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH)
     args = p.parse_args(argv)
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "embedder_fingerprint": embedder.fingerprint,
         "embedder_probes": probes,
         "training": {
-            "command": "python -m services.cache.verifier_training",
+            "command": "python -m tools.train_verifier",
             "data": ["paws_wiki/dev.tsv (all pairs)",
                      "banking77/train.csv (nearest same-intent / other-intent neighbour per query)"],
             "learner": "lightgbm", "params": LGBM_PARAMS, "rounds": NUM_ROUNDS,

@@ -1,0 +1,290 @@
+"""GenerateStage (services/router/pipeline/generate.py): streaming from the chain with failover and retries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationParams, TokenUsage
+from libs.deadlines import Deadline
+from libs.errors import (
+    InvalidArgument,
+    Overloaded,
+    PermissionDenied,
+    QuotaExceeded,
+    QuotaViolation,
+    TollgateError,
+    Unavailable,
+)
+from services.router.control.registry import ModelEntry, Registry
+from services.router.pipeline.admit import AdmitStage
+from services.router.pipeline.degradation import DegradationController, DegradationPolicy, Level
+from services.router.pipeline.failover import CONTEXT_WINDOW_EXCEEDED, RetryPolicy
+from services.router.pipeline.generate import GenerateStage
+from services.router.pipeline.request import GenerateCommand, RequestState
+from services.router.pipeline.route import RouteStage
+from tests.support.router import BACKUP, KEY, PRIMARY, MemoryLimiter, command, registry_of
+
+DEFAULT_MAX_OUTPUT = 100
+
+
+def _overflow() -> InvalidArgument:
+    err = InvalidArgument([], "prompt too long")
+    err.reason = CONTEXT_WINDOW_EXCEEDED
+    return err
+
+
+class Backends:
+    """Per target, a script of outcomes consumed call by call (the last one repeats):
+    ok (two counted deltas, then usage) | down (backend fault) | 429 (provider limit, retry-after 0.1 s)
+    | busy (overloaded, retry-after 0.1 s) | hint (unavailable with retry-after 0.1 s) | overflow
+    | denied (not retryable) | partial (one delta, then a backend fault)."""
+
+    def __init__(self, scripts: dict[str, list[str]], *, cooling: dict[str, float] | None = None,
+                 open_breakers: Sequence[str] = ()) -> None:
+        self.scripts = scripts
+        self.open_breakers = set(open_breakers)  # never ordered, and not cooling either
+        self.calls: list[tuple[str, str, float]] = []  # target, model, when
+        self.params: list[GenerationParams] = []
+        self.cool_downs: list[tuple[str, float]] = []
+        self.orders = 0  # how often a round asked for the replicas to try
+        self.cooling = dict(cooling or {})  # target -> monotonic time it takes traffic again
+
+    def order(self, targets: Sequence[str]) -> list[str]:
+        self.orders += 1
+        now = time.monotonic()
+        return [t for t in targets if self.cooling.get(t, 0) <= now and t not in self.open_breakers]
+
+    def cool_down(self, target: str, seconds: float) -> None:
+        self.cool_downs.append((target, seconds))
+
+    def cooling_for(self, targets: Sequence[str]) -> float | None:
+        now = time.monotonic()
+        waits = [self.cooling[t] - now for t in targets if self.cooling.get(t, 0) > now]
+        return min(waits) if waits else None
+
+    def targets(self) -> list[str]:
+        return [t for t, _, _ in self.calls]
+
+    async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
+                       params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
+        self.calls.append((target, model, time.monotonic()))
+        self.params.append(params)
+        script = self.scripts[target]
+        mode = script.pop(0) if len(script) > 1 else script[0]
+        errors: dict[str, TollgateError] = {
+            "down": Unavailable("backend down", reason="BACKEND_ERROR"),
+            "429": QuotaExceeded("provider rate limit", [QuotaViolation("provider:p", "rpm")], 0.1),
+            "busy": Overloaded("queue full", 0.1),
+            "hint": Unavailable("restarting", retry_after_s=0.1, reason="BACKEND_ERROR"),
+            "overflow": _overflow(),
+            "denied": PermissionDenied("no"),
+        }
+        if mode in errors:
+            raise errors[mode]
+        yield GenerationChunk(delta="Par", output_tokens=1)
+        if mode == "partial":
+            raise Unavailable("connection reset", reason="BACKEND_ERROR")
+        yield GenerationChunk(delta="is", output_tokens=1)
+        yield GenerationChunk(output_tokens=0, usage=TokenUsage(9, 2, 0), finish_reason=FinishReason.STOP,
+                              model=model, provider=f"prov-{target}")
+
+
+def _stage(backends: Backends, registry: Registry | None = None, *, retry: RetryPolicy = RetryPolicy(),
+           controller: DegradationController | None = None) -> GenerateStage:
+    registry = registry or registry_of(PRIMARY, BACKUP)
+    admit = AdmitStage(MemoryLimiter(), default_max_output_tokens=DEFAULT_MAX_OUTPUT, side_timeout_s=0.5,
+                       degradation=controller)
+    return GenerateStage(backends, registry, RouteStage(registry), admit, retry=retry,
+                         default_max_output_tokens=DEFAULT_MAX_OUTPUT)
+
+
+def _controller(min_samples: int = 2) -> DegradationController:
+    return DegradationController(DegradationPolicy(min_samples=min_samples, recover_s=60))
+
+
+async def _drain(stage: GenerateStage, state: RequestState, chain: list[ModelEntry],
+                 deadline: Deadline | None = None) -> list[str]:
+    return [d async for d in stage.through_chain(state, chain, deadline or Deadline.after(5))]
+
+
+def _state(**kw: Any) -> RequestState:
+    return RequestState.begin(KEY, command(**kw))
+
+
+REPLICATED = ModelEntry("primary", "p", "t-a, t-b", 8192, "strong")
+
+
+# --- the happy path -----------------------------------------------------------------------------
+
+async def test_the_first_healthy_replica_answers_and_fills_the_state() -> None:
+    backends = Backends({"t-a": ["ok"], "t-b": ["ok"]}, cooling={"t-a": time.monotonic() + 60})
+    registry = registry_of(REPLICATED, BACKUP)
+    state = _state()
+    deltas = await _drain(_stage(backends, registry), state, [REPLICATED, BACKUP])
+    assert deltas == ["Par", "is"] and backends.targets() == ["t-b"]
+    assert state.text == ["Par", "is"] and state.finish is FinishReason.STOP
+    assert state.usage == TokenUsage(9, 2, 0) and state.provider == "prov-t-b" and state.counted_output_tokens == 2
+    assert state.model is REPLICATED and state.price.version == 1 and state.attempts == 1
+
+
+async def test_the_commands_params_go_to_the_backend_with_the_default_output_cap() -> None:
+    backends = Backends({"t-primary": ["ok"]})
+    await _drain(_stage(backends), _state(temperature=0.3), [PRIMARY])
+    capped = GenerationParams(temperature=0.3, max_output_tokens=50)
+    assert backends.params == [capped]  # the command's own cap is kept
+    backends = Backends({"t-primary": ["ok"]})
+    uncapped = GenerateCommand(model="primary", messages=command().messages,
+                               params=GenerationParams(temperature=0.3, seed=7))
+    await _drain(_stage(backends), RequestState.begin(KEY, uncapped), [PRIMARY])
+    assert backends.params == [GenerationParams(temperature=0.3, max_output_tokens=DEFAULT_MAX_OUTPUT, seed=7)]
+
+
+async def test_a_success_is_reported_to_the_degradation_controller() -> None:
+    controller = _controller(min_samples=4)
+    controller.record(failed=True)
+    for _ in range(3):
+        await _drain(_stage(Backends({"t-primary": ["ok"]}), controller=controller), _state(), [PRIMARY])
+    assert controller.evaluate() is Level.REDUCED  # 1 failure in 4 outcomes: the 3 successes were counted
+
+
+# --- failover -----------------------------------------------------------------------------------
+
+async def test_a_retryable_failure_moves_on_to_the_next_candidate_at_once() -> None:
+    backends = Backends({"t-primary": ["down"], "t-backup": ["ok"]})
+    controller = _controller()
+    state = _state()
+    t0 = time.monotonic()
+    deltas = await _drain(_stage(backends, controller=controller), state, [PRIMARY, BACKUP])
+    assert deltas == ["Par", "is"] and backends.targets() == ["t-primary", "t-backup"]
+    assert state.model is BACKUP and state.price.version == 2 and state.attempts == 2
+    assert backends.calls[1][2] - t0 < 0.05  # no backoff between candidates of one round
+    assert controller.evaluate() is Level.REDUCED  # 1 fault in 2 outcomes (50 %): both were recorded
+
+
+@pytest.mark.parametrize("mode", ["429", "busy"])
+async def test_a_rate_limit_or_full_replica_is_not_a_backend_fault(mode: str) -> None:
+    controller = _controller()
+    state = _state()
+    await _drain(_stage(Backends({"t-primary": [mode], "t-backup": ["ok"]}), controller=controller), state,
+                 [PRIMARY, BACKUP])
+    controller.record(failed=False)
+    assert state.model is BACKUP and controller.evaluate() is Level.FULL  # two successes, no failure
+
+
+async def test_a_non_retryable_error_is_final() -> None:
+    backends = Backends({"t-primary": ["denied"], "t-backup": ["ok"]})
+    state = _state()
+    with pytest.raises(PermissionDenied):
+        await _drain(_stage(backends), state, [PRIMARY, BACKUP])
+    assert backends.targets() == ["t-primary"] and state.attempts == 1
+
+
+async def test_a_failure_after_a_delta_is_final() -> None:
+    backends = Backends({"t-primary": ["partial"], "t-backup": ["ok"]})
+    state = _state()
+    received: list[str] = []
+    with pytest.raises(Unavailable, match="connection reset"):
+        async for delta in _stage(backends).through_chain(state, [PRIMARY, BACKUP], Deadline.after(5)):
+            received.append(delta)
+    assert received == ["Par"] and state.text == ["Par"] and state.finish is None
+    assert backends.targets() == ["t-primary"]
+
+
+async def test_a_context_overflow_drops_the_model_for_a_larger_one() -> None:
+    small = ModelEntry("small", "p", "t-small, t-small-2", 2000, "cheap")
+    large = ModelEntry("large", "p", "t-large", 100_000, "cheap")
+    backends = Backends({"t-small": ["overflow"], "t-small-2": ["ok"], "t-large": ["ok"]})
+    controller = _controller()
+    state = _state()
+    await _drain(_stage(backends, registry_of(small, large), controller=controller), state, [small])
+    assert backends.targets() == ["t-small", "t-large"]  # not the other replica of the model that overflowed
+    assert state.model is large and "small overflowed -> large" in state.route_reason
+    controller.record(failed=False)
+    assert controller.evaluate() is Level.FULL  # an overflow is not a backend fault
+
+
+async def test_a_backend_overflow_with_no_larger_model_is_refused_as_too_long() -> None:
+    only = ModelEntry("only", "p", "t-only", 2000, "cheap")
+    backends = Backends({"t-only": ["overflow"]})
+    with pytest.raises(InvalidArgument) as err:
+        await _drain(_stage(backends, registry_of(only)), _state(), [only])
+    assert err.value.reason == CONTEXT_WINDOW_EXCEEDED and backends.targets() == ["t-only"]
+
+
+async def test_a_prompt_that_fits_no_model_is_refused_before_any_call() -> None:
+    small = ModelEntry("small", "p", "t-small", 8, "cheap")
+    backends = Backends({"t-small": ["ok"]})
+    with pytest.raises(InvalidArgument) as err:
+        await _drain(_stage(backends, registry_of(small)), _state(), [small])
+    assert err.value.reason == CONTEXT_WINDOW_EXCEEDED and backends.calls == []
+
+
+# --- the attempt budget and retry rounds --------------------------------------------------------
+
+async def test_max_attempts_bounds_the_calls_and_leaves_the_state_unfinished() -> None:
+    backends = Backends({"t-primary": ["down"], "t-backup": ["down"]})
+    state = _state()
+    deltas = await _drain(_stage(backends, retry=RetryPolicy(max_attempts=3, backoff_base_s=0.01)), state,
+                          [PRIMARY, BACKUP])
+    assert deltas == [] and backends.targets() == ["t-primary", "t-backup", "t-primary"]
+    assert state.attempts == 3 and state.finish is None and state.text == []
+
+
+async def test_a_later_round_retries_after_a_backoff() -> None:
+    backends = Backends({"t-primary": ["down", "ok"]})
+    state = _state()
+    await _drain(_stage(backends, retry=RetryPolicy(max_attempts=3, backoff_base_s=0.01)), state, [PRIMARY])
+    assert backends.targets() == ["t-primary", "t-primary"] and state.finish is FinishReason.STOP
+    assert state.attempts == 2
+
+
+async def test_a_whole_round_of_retry_afters_is_honoured() -> None:
+    backends = Backends({"t-primary": ["hint", "ok"]})
+    await _drain(_stage(backends, retry=RetryPolicy(max_attempts=3, backoff_base_s=0.001)), _state(), [PRIMARY])
+    (_, _, first), (_, _, second) = backends.calls
+    assert second - first >= 0.095  # the backend's 0.1 s, not the 1 ms backoff
+
+
+async def test_no_retry_round_is_started_past_the_deadline() -> None:
+    backends = Backends({"t-primary": ["hint"]})
+    state = _state()
+    t0 = time.monotonic()
+    deltas = await _drain(_stage(backends, retry=RetryPolicy(max_attempts=4, min_attempt_s=0.02)), state, [PRIMARY],
+                          Deadline.after(0.1))  # 0.1 s retry-after + 0.02 s attempt do not fit
+    assert deltas == [] and len(backends.calls) == 1 and state.attempts == 1
+    assert time.monotonic() - t0 < 0.05  # gave up at once rather than sleeping
+
+
+async def test_with_every_replica_cooling_the_round_waits_for_the_first_to_come_back() -> None:
+    backends = Backends({"t-primary": ["ok"]}, cooling={"t-primary": time.monotonic() + 0.1})
+    state = _state()
+    t0 = time.monotonic()
+    await _drain(_stage(backends, retry=RetryPolicy(max_attempts=2, backoff_base_s=0.001)), state, [PRIMARY])
+    assert backends.targets() == ["t-primary"] and backends.calls[0][2] - t0 >= 0.095
+    assert backends.orders == 2  # one wait for the replica, not a string of short backoffs
+    assert state.attempts == 1 and state.finish is FinishReason.STOP
+
+
+async def test_with_nothing_callable_and_nothing_cooling_it_gives_up() -> None:
+    backends = Backends({"t-primary": ["ok"]}, open_breakers=["t-primary"])
+    state = _state()
+    assert await _drain(_stage(backends), state, [PRIMARY]) == [] and state.attempts == 0
+
+
+# --- cool-downs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["429", "busy"])
+async def test_a_429_or_full_replica_cools_the_target_for_its_retry_after(mode: str) -> None:
+    backends = Backends({"t-primary": [mode], "t-backup": ["ok"]})
+    await _drain(_stage(backends), _state(), [PRIMARY, BACKUP])
+    assert backends.cool_downs == [("t-primary", 0.1)]
+
+
+async def test_an_unavailable_backend_with_a_hint_is_not_cooled_down() -> None:
+    backends = Backends({"t-primary": ["hint"], "t-backup": ["ok"]})
+    await _drain(_stage(backends), _state(), [PRIMARY, BACKUP])
+    assert backends.cool_downs == [] and backends.targets() == ["t-primary", "t-backup"]
