@@ -9,7 +9,7 @@ import pytest
 from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
 from tollgate.common.v1 import common_pb2
 
-from tests.integration.cache.test_cache_grpc import _serve, key, violations
+from tests.integration.cache.test_servicer import _serve, key, violations
 
 INT64_MAX = 2**63 - 1
 UINT32_MAX = 2**32 - 1

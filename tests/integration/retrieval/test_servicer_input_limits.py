@@ -6,7 +6,7 @@ import grpc
 import pytest
 from tollgate.retrieval.v1 import retrieval_pb2 as pb
 
-from tests.integration.retrieval.test_retrieval_grpc import Serve, retrieval_model, serve, violations
+from tests.integration.retrieval.test_servicer import Serve, retrieval_model, serve, violations
 
 __all__ = ["retrieval_model", "serve"]  # fixtures, re-used from the gRPC tests
 
