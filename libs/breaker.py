@@ -7,6 +7,9 @@ provider's 429 included) and cancellations never open a breaker (DESIGN.md,
 
 It opens on whichever comes first:
 - ``fail_max`` consecutive faults (pybreaker's own counter), or
+- ``timeout_trip`` consecutive timeouts (``Unavailable`` with reason ``BACKEND_TIMEOUT``: the hop's own
+  cap ran out, not the caller's deadline), so a hung dependency opens its breaker after about
+  ``timeout_trip`` x the hop's cap (3 x 0.5 s for the side calls) instead of never, or
 - an error rate of at least ``error_rate`` over the last ``window_s`` seconds, once
   ``min_calls`` outcomes fall in the window (written here: pybreaker counts only
   consecutive failures). A backend that fails every other call never trips the
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # ErrorInfo reasons that mean "the backend itself is broken".
 BACKEND_FAULT_REASONS = frozenset({"UNAVAILABLE", "BACKEND_ERROR", "BACKEND_TIMEOUT", "INTERNAL_ERROR"})
+# The reason of a hop that ran out of its own cap (the backend hung), as opposed to the caller's deadline.
+BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
 
 
 class BreakerOpen(Unavailable):
@@ -50,6 +55,11 @@ def is_backend_fault(exc: BaseException) -> bool:
     # Anything unexpected from the transport (connection reset, ...) is a fault;
     # cancellation is the caller going away, not the backend failing.
     return isinstance(exc, Exception)
+
+
+def is_backend_timeout(exc: BaseException) -> bool:
+    """The backend did not answer within the hop's own cap (a fault; the caller's deadline is not one)."""
+    return isinstance(exc, Unavailable) and exc.reason == BACKEND_TIMEOUT
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -102,8 +112,12 @@ class Breaker:
 
     def __init__(self, name: str, *, fail_max: int = 5, reset_timeout_s: float = 10.0,
                  error_rate: float = 0.5, window_s: float = 10.0, min_calls: int = 10,
-                 success_threshold: int = 1):
+                 success_threshold: int = 1, timeout_trip: int = 3):
         self.name = name
+        self.timeout_trip = timeout_trip
+        # Consecutive backend timeouts. Only a success or another kind of fault resets it: a call the
+        # caller cancelled (or a client error) says nothing about whether the backend hangs.
+        self._timeouts = 0
         self.error_rate = error_rate
         self.min_calls = min_calls
         self.window = ErrorRateWindow(window_s)
@@ -123,6 +137,7 @@ class Breaker:
         if new_state == pybreaker.STATE_CLOSED:
             # A fresh start: the failures that opened it must not reopen it on the first blip.
             self.window.clear()
+            self._timeouts = 0
 
     @property
     def state(self) -> str:
@@ -148,6 +163,26 @@ class Breaker:
                         100 * self.window.rate, self.window.calls, self.window.window_s)
             self._cb.open()
 
+    def _trip_on_timeouts(self, exc: BaseException) -> None:
+        if not is_backend_timeout(exc):
+            self._timeouts = 0
+            return
+        self._timeouts += 1
+        if self._timeouts >= self.timeout_trip and self.state == pybreaker.STATE_CLOSED:
+            log.warning("breaker %s: %d consecutive timeouts", self.name, self._timeouts)
+            self._cb.open()
+
+    def record_fault(self, exc: Unavailable) -> None:
+        """Count a backend fault the caller detected itself (an inference stream that stalled and was
+        cancelled by the request path): the same rules as a fault raised inside :meth:`guard`. Nothing is
+        counted while the breaker is open or its probe is out (no call could have been made)."""
+        try:
+            with self.guard():
+                raise exc
+        except Unavailable as raised:
+            if raised is not exc and not isinstance(raised, BreakerOpen):
+                raise
+
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
         if self.state == pybreaker.STATE_HALF_OPEN and self._probe_in_flight:
@@ -168,10 +203,12 @@ class Breaker:
                 self.window.record(True)
             handled = cm.__exit__(type(exc), exc, exc.__traceback__)
             if fault:
+                self._trip_on_timeouts(exc)
                 self._trip_on_rate()
             if not handled:
                 raise
         else:
+            self._timeouts = 0
             self.window.record(False)
             cm.__exit__(None, None, None)
         finally:

@@ -4,7 +4,11 @@ Every call goes through :class:`Downstream`, which
 - takes its timeout from the request's :class:`~libs.deadlines.Deadline` minus a margin, capped per hop;
 - runs inside the downstream's :class:`~libs.breaker.Breaker`;
 - turns ``AioRpcError`` into domain errors, telling a timeout the backend caused
-  (counts against its breaker) from the caller's deadline running out (does not).
+  (counts against its breaker) from the caller's deadline running out (does not): DEADLINE_EXCEEDED is
+  the caller's only when the deadline came from the caller (``Deadline.from_caller``; a side call's
+  ``within`` leash that binds is not) and it, not the hop's cap, was the binding limit. Otherwise it is
+  ``Unavailable(BACKEND_TIMEOUT)``, and ``timeout_trip`` of those in a row open the breaker, after
+  which calls fail at once with ``BreakerOpen`` (no wait).
 """
 
 from __future__ import annotations

@@ -41,8 +41,16 @@ class Deadline:
         return cls(time.monotonic() + seconds, from_caller=True)
 
     def within(self, seconds: float) -> Deadline:
-        """This deadline, or ``seconds`` from now if that is sooner: a short leash for a side call."""
-        return Deadline(min(self.expires_at, time.monotonic() + seconds), self.from_caller)
+        """This deadline, or ``seconds`` from now if that is sooner: a short leash for a side call.
+
+        When the leash is the sooner of the two it is this service's own cap, not the caller's deadline
+        (``from_caller`` False): a hop that runs out of it timed out because the backend was slow, which
+        counts against its breaker, while running out of the caller's deadline does not.
+        """
+        leash = time.monotonic() + seconds
+        if leash < self.expires_at:
+            return Deadline(leash, from_caller=False)
+        return Deadline(self.expires_at, self.from_caller)
 
     def remaining(self) -> float:
         return self.expires_at - time.monotonic()

@@ -30,6 +30,7 @@ from libs.chat import (
 )
 from libs.clients import Downstream
 from libs.deadlines import Deadline
+from libs.errors import Unavailable
 from libs.rag_context import ContextChunk
 from services.router import vocabulary as vocab
 from services.router.control.pricing import Price
@@ -150,7 +151,7 @@ class GrpcInferenceClient:
 
     def __init__(self, *, margin_s: float, cap_s: float, fail_max: int, reset_timeout_s: float,
                  error_rate: float = 0.5, window_s: float = 10.0, min_calls: int = 10,
-                 load_poll_s: float = 0.25, tracing: bool = False):
+                 load_poll_s: float = 0.25, tracing: bool = False, timeout_trip: int = 3):
         self._margin = margin_s
         self._cap = cap_s
         self._fail_max = fail_max
@@ -158,6 +159,7 @@ class GrpcInferenceClient:
         self._error_rate = error_rate
         self._window_s = window_s
         self._min_calls = min_calls
+        self._timeout_trip = timeout_trip
         self._poll_s = load_poll_s
         self._tracing = tracing
         self._replicas: dict[str, _Replica] = {}
@@ -168,7 +170,8 @@ class GrpcInferenceClient:
             ds = Downstream(f"inference@{target}", target, margin_s=self._margin, cap_s=self._cap,
                             breaker=Breaker(f"inference@{target}", fail_max=self._fail_max,
                                             reset_timeout_s=self._reset, error_rate=self._error_rate,
-                                            window_s=self._window_s, min_calls=self._min_calls),
+                                            window_s=self._window_s, min_calls=self._min_calls,
+                                            timeout_trip=self._timeout_trip),
                             tracing=self._tracing)
             replica = self._replicas[target] = _Replica(ds)
             replica.poller = asyncio.get_running_loop().create_task(self._poll(replica), name=f"load@{target}")
@@ -198,6 +201,11 @@ class GrpcInferenceClient:
         """Honour a provider's retry-after: no traffic to this replica for ``seconds`` (not a breaker failure)."""
         replica = self._get(target)
         replica.cool_until = max(replica.cool_until, time.monotonic() + seconds)
+
+    def record_fault(self, target: str, exc: Unavailable) -> None:
+        """A fault the request path detected itself (no first token in time, a stall): counts against the
+        replica's breaker like one its call raised."""
+        self._get(target).ds.breaker.record_fault(exc)
 
     def cooling_for(self, targets: Sequence[str]) -> float | None:
         """Seconds until the first of these cooling replicas takes traffic again (None: none is cooling)."""

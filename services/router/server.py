@@ -80,6 +80,7 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
     experiment_book = ExperimentBook(experiments, settings.registry_refresh_s)
     await experiment_book.load()
     auth = Authenticator(control, cache_ttl_s=settings.key_cache_ttl_s, stale_ttl_s=settings.key_stale_ttl_s,
+                         lookup_timeout_s=settings.key_lookup_timeout_s,
                          limits=AuthLimits(cache_max_keys=settings.key_cache_max_entries,
                                            negative_cache_max_keys=settings.key_negative_cache_max_entries,
                                            failures_per_window=settings.auth_failure_limit,
@@ -87,16 +88,18 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
                                            failure_max_sources=settings.auth_failure_max_sources))
 
     margin, side_cap = settings.hop_margin_s, settings.side_call_timeout_s
-    cache_ds = Downstream("cache", settings.cache_target, breaker=Breaker("cache"), margin_s=margin, cap_s=side_cap)
-    retrieval_ds = Downstream("retrieval", settings.retrieval_target, breaker=Breaker("retrieval"),
+    trip = settings.breaker_timeout_trip
+    cache_ds = Downstream("cache", settings.cache_target, breaker=Breaker("cache", timeout_trip=trip),
+                          margin_s=margin, cap_s=side_cap)
+    retrieval_ds = Downstream("retrieval", settings.retrieval_target, breaker=Breaker("retrieval", timeout_trip=trip),
                               margin_s=margin, cap_s=settings.retrieval_timeout_s)
-    ratelimit_ds = Downstream("ratelimit", settings.ratelimit_target, breaker=Breaker("ratelimit"),
+    ratelimit_ds = Downstream("ratelimit", settings.ratelimit_target, breaker=Breaker("ratelimit", timeout_trip=trip),
                               margin_s=margin, cap_s=side_cap)
     inference = GrpcInferenceClient(margin_s=settings.hop_margin_s, cap_s=settings.max_timeout_s,
                                     fail_max=settings.breaker_fail_max,
                                     reset_timeout_s=settings.breaker_reset_timeout_s,
                                     error_rate=settings.breaker_error_rate, window_s=settings.breaker_window_s,
-                                    min_calls=settings.breaker_min_calls)
+                                    min_calls=settings.breaker_min_calls, timeout_trip=trip)
     shedder = LoadShedder(SheddingPolicy(
         max_in_flight=settings.shed_max_in_flight, free_share=settings.shed_free_share,
         pro_share=settings.shed_pro_share, retry_after_s=settings.shed_retry_after_s),
@@ -117,7 +120,9 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
                       retrieval=GrpcRetrievalClient(retrieval_ds), retrieval_timeout_s=settings.retrieval_timeout_s,
                       retry=RetryPolicy(max_attempts=settings.retry_max_attempts,
                                         backoff_base_s=settings.retry_backoff_base_s,
-                                        backoff_max_s=settings.retry_backoff_max_s),
+                                        backoff_max_s=settings.retry_backoff_max_s,
+                                        first_token_timeout_s=settings.inference_first_token_timeout_s,
+                                        stall_timeout_s=settings.inference_stall_timeout_s),
                       degradation=degradation, shedder=shedder, experiments=experiment_book,
                       auto_router=_auto_router(settings))
 

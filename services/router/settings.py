@@ -38,6 +38,10 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     key_cache_max_entries: int = Field(10_000, gt=0)
     key_negative_cache_max_entries: int = Field(10_000, gt=0)
     key_stale_ttl_s: float = Field(300.0, ge=0)
+    # A key this router has not verified lately (not in the cache) waits at most this long for PostgreSQL,
+    # then UNAVAILABLE (fail closed). Known keys never wait: past `key_cache_ttl_s` they are served from
+    # memory while one background re-read per key refreshes them.
+    key_lookup_timeout_s: float = Field(0.5, gt=0)
     # Failed key lookups (unknown, revoked, expired) one client IP may cause per window; past that, a token
     # this router has not verified lately is refused without a database query: RESOURCE_EXHAUSTED
     # (reason TOO_MANY_AUTH_FAILURES, RetryInfo = end of the window). At most `auth_failure_max_sources`
@@ -56,6 +60,14 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     breaker_error_rate: float = Field(0.5, gt=0, le=1)
     breaker_window_s: float = Field(10.0, gt=0)
     breaker_min_calls: int = Field(10, gt=0)
+    # Every breaker (cache, ratelimit, retrieval, each inference replica) also opens on this many consecutive
+    # timeouts of the hop's own cap (a hung dependency): within about N x the cap (3 x 0.5 s for side calls).
+    breaker_timeout_trip: int = Field(3, gt=0)
+    # An inference replica that sends no first token within `inference_first_token_timeout_s`, or goes silent
+    # for `inference_stall_timeout_s` between tokens, is cancelled and counted as a fault; before any token
+    # reached the client the request fails over to the next candidate, after that it ends UNAVAILABLE.
+    inference_first_token_timeout_s: float = Field(10.0, gt=0)
+    inference_stall_timeout_s: float = Field(10.0, gt=0)
     # Backend attempts per request (first try, fallbacks and retries together), and the backoff between rounds.
     retry_max_attempts: int = Field(4, ge=1, le=16)
     retry_backoff_base_s: float = Field(0.05, ge=0)

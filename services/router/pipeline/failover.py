@@ -29,6 +29,10 @@ class RetryPolicy:
     backoff_max_s: float = 2.0
     # A retry is not started unless at least this much of the deadline is left after the wait.
     min_attempt_s: float = 0.05
+    # A candidate that sends no first token this long, or goes silent this long between two, is cancelled
+    # and counted as a backend fault (TOLLGATE_ROUTER_INFERENCE_FIRST_TOKEN_TIMEOUT_S, ..._STALL_TIMEOUT_S).
+    first_token_timeout_s: float = 10.0
+    stall_timeout_s: float = 10.0
 
     def backoff(self, round_no: int, rng: random.Random | None = None) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**round)) for the ``round_no``-th retry round (1-based)."""

@@ -106,3 +106,44 @@ async def test_a_failed_probe_opens_it_again() -> None:
     time.sleep(0.15)
     await _fail(breaker, Unavailable("still down", reason="UNAVAILABLE"))
     assert breaker.is_open
+
+
+def _timeout() -> Unavailable:
+    return Unavailable("did not answer in time", reason="BACKEND_TIMEOUT")
+
+
+async def test_consecutive_timeouts_open_it_before_fail_max() -> None:
+    breaker = Breaker("t", fail_max=10, reset_timeout_s=10, timeout_trip=3)
+    for _ in range(2):
+        await _fail(breaker, _timeout())
+    await _fail(breaker, asyncio.CancelledError())  # a caller going away says nothing: the run goes on
+    assert breaker.state == "closed"
+    await _fail(breaker, _timeout())
+    assert breaker.is_open
+    t0 = time.monotonic()
+    with pytest.raises(BreakerOpen), breaker.guard():
+        pass
+    assert time.monotonic() - t0 < 0.05
+
+
+async def test_a_success_or_another_fault_ends_a_run_of_timeouts() -> None:
+    breaker = Breaker("t", fail_max=10, reset_timeout_s=10, timeout_trip=3)
+    for interruption in (None, Unavailable("down", reason="UNAVAILABLE")):
+        for _ in range(2):
+            await _fail(breaker, _timeout())
+        if interruption is None:
+            await _succeed(breaker)
+        else:
+            await _fail(breaker, interruption)
+    await _fail(breaker, _timeout())
+    assert breaker.state == "closed"
+
+
+async def test_a_fault_recorded_from_outside_counts_like_one_raised_inside() -> None:
+    breaker = Breaker("t", fail_max=10, reset_timeout_s=10, timeout_trip=2)
+    breaker.record_fault(_timeout())
+    assert breaker.state == "closed"
+    breaker.record_fault(_timeout())
+    assert breaker.is_open
+    breaker.record_fault(_timeout())  # open: nothing to count, nothing raised
+    assert breaker.is_open

@@ -33,3 +33,12 @@ def test_no_hop_starts_without_time_left() -> None:
         d.hop_timeout(0.0)
     with pytest.raises(DeadlineExceeded):
         Deadline.after(0.05).hop_timeout(0.1)
+
+
+def test_a_side_calls_leash_is_not_the_callers_deadline_when_it_binds() -> None:
+    caller = Deadline.after(60)
+    leash = caller.within(0.5)
+    assert not leash.from_caller and leash.remaining() <= 0.5  # the service's own cap: a timeout is a fault
+    short = Deadline.after(0.2).within(0.5)
+    assert short.from_caller and short.remaining() <= 0.2  # the caller's deadline still binds
+    assert not Deadline.from_remaining(None, default_s=60, max_s=600).within(60.5).from_caller
