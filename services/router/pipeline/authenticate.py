@@ -1,8 +1,14 @@
 """Stage 1, authenticate: bearer token -> :class:`KeyRecord`, or UNAUTHENTICATED. Fails closed.
 
-The servicer calls it before anything else (admin RPCs too). Lookups are cached in-process for
-``cache_ttl_s`` (``TOLLGATE_ROUTER_KEY_CACHE_TTL_S``, 0.5 s by default), and while PostgreSQL is down
-keys verified in the last ``stale_ttl_s`` keep working from the cache.
+The servicer calls it before anything else (admin RPCs too). Known keys never wait on PostgreSQL
+(issue 24): a verified key is fresh for ``cache_ttl_s`` (``TOLLGATE_ROUTER_KEY_CACHE_TTL_S``, 0.5 s by
+default); after that it is still answered from memory at once (stale-while-revalidate) and one
+background re-read per key refreshes it. A refresh that finds the key revoked, expired or gone updates
+the cache, so the next request is refused (revocation latency without the broadcast: the TTL plus one
+re-read); a refresh that fails is logged and keeps the entry, for at most ``stale_ttl_s`` after the last
+successful read. A revocation heard on the broadcast is refused at once, whatever is cached. A key not in
+the cache waits for PostgreSQL at most ``lookup_timeout_s`` (``TOLLGATE_ROUTER_KEY_LOOKUP_TIMEOUT_S``,
+0.5 s), then UNAVAILABLE: it fails closed.
 
 Unauthenticated callers cannot make a router grow or hammer PostgreSQL (issue 14): both key caches are
 bounded LRUs with a TTL, and a source (client IP) that caused ``failures_per_window`` failed lookups is
@@ -13,7 +19,9 @@ attacker is not locked out.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +33,10 @@ from cachetools import TTLCache
 from libs.errors import QuotaExceeded, QuotaViolation, Unauthenticated, Unavailable
 from services.router.control.keys import KEY_PREFIX, KeyRecord, hash_key
 
+log = logging.getLogger(__name__)
+
+# A background re-read of a known key gives up after this long (PostgreSQL hung); the entry stays stale.
+REFRESH_TIMEOUT_S = 5.0
 
 def _bearer_token(authorization: str | None) -> str:
     if not authorization:
@@ -68,9 +80,13 @@ class Authenticator:
     """Bearer token -> KeyRecord. Fails closed: no valid key, no service."""
 
     def __init__(self, lookup: KeyLookup, *, cache_ttl_s: float, stale_ttl_s: float = 300.0,
-                 limits: AuthLimits = AuthLimits(), clock: Callable[[], float] = time.monotonic):
+                 lookup_timeout_s: float = 0.5, limits: AuthLimits = AuthLimits(),
+                 clock: Callable[[], float] = time.monotonic):
         self._lookup = lookup
         self._ttl = cache_ttl_s
+        self._lookup_timeout = lookup_timeout_s
+        # key hash -> its background re-read: one flight per key, however many requests found it stale.
+        self._refreshing: dict[bytes, asyncio.Task[None]] = {}
         # While PostgreSQL is down, keys seen recently keep working this long (DESIGN: auth from the key cache).
         self._stale_ttl = stale_ttl_s
         self._limits = limits
@@ -98,6 +114,16 @@ class Authenticator:
     def tracked_sources(self) -> int:
         return len(self._failures)
 
+    @property
+    def refreshing(self) -> int:
+        """Background re-reads in flight (tests and metrics)."""
+        return len(self._refreshing)
+
+    async def settle(self) -> None:
+        """Wait for the background re-reads in flight (tests; shutdown)."""
+        while self._refreshing:
+            await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
+
     def forget(self, key_hash: bytes | None = None) -> None:
         if key_hash is None:
             self._known.clear()
@@ -119,50 +145,75 @@ class Authenticator:
         key_hash = hash_key(_bearer_token(authorization))
         now = self._clock()
         cached = self._known.get(key_hash)
-        if cached is not None and now - cached[0] < self._ttl:
+        if cached is not None:
             record = cached[1]
+            if now - cached[0] >= self._ttl:
+                # Past its fresh period: answered from memory now, re-read in the background.
+                self._refresh_later(key_hash, source)
         elif key_hash in self._unknown:
             raise Unauthenticated("unknown key")
         else:
-            record = await self._read(key_hash, cached, source, now)
+            record = await self._read(key_hash, source, now)
         if record.revoked or record.key_id in self._revoked:
             raise Unauthenticated("key revoked")
         if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
             raise Unauthenticated("key expired")
         return record
 
-    async def _read(self, key_hash: bytes, cached: tuple[float, KeyRecord] | None, source: str,
-                    now: float) -> KeyRecord:
-        """The key's row from PostgreSQL (or, while it is down, the stale cached one)."""
-        # A token this router has not seen verified lately is a guess until PostgreSQL says otherwise, so
-        # it is charged to its source BEFORE the query: concurrent guesses cannot all pass the check while
-        # their lookups are in flight. A valid key gets its charge back. (A known key whose fresh period
-        # ended is re-read even from a failing source: it is no guess.)
-        guess = cached is None
-        if guess:
-            self._refuse_if_failing(source, now)
-            self._failed(source, now)
+    async def _read(self, key_hash: bytes, source: str, now: float) -> KeyRecord:
+        """The row of a key this router has not verified lately, waiting at most ``lookup_timeout_s``."""
+        # Such a token is a guess until PostgreSQL says otherwise, so it is charged to its source BEFORE the
+        # query: concurrent guesses cannot all pass the check while their lookups are in flight. A valid key
+        # gets its charge back.
+        self._refuse_if_failing(source, now)
+        self._failed(source, now)
         try:
-            found = await self._lookup.find_by_hash(key_hash)
-        except Unavailable:
-            if guess:
-                self._refund(source)
-            if cached is None:
-                raise Unavailable("cannot verify the key right now (control plane unavailable)") from None
-            return cached[1]  # still within the stale period, or the cache would have dropped it
+            async with asyncio.timeout(self._lookup_timeout):
+                found = await self._lookup.find_by_hash(key_hash)
+        except (Unavailable, TimeoutError):
+            self._refund(source)
+            raise Unavailable("cannot verify the key right now (control plane unavailable)") from None
+        self._store(key_hash, found, now)
+        if found is None:
+            raise Unauthenticated("unknown key")
+        if self._valid(found):
+            self._refund(source)
+        return found
+
+    def _store(self, key_hash: bytes, found: KeyRecord | None, now: float) -> None:
         if found is None:
             self._unknown[key_hash] = now
             self._known.pop(key_hash, None)
-            if not guess:
-                self._failed(source, now)
-            raise Unauthenticated("unknown key")
-        self._known[key_hash] = (now, found)
-        if self._valid(found):
-            if guess:
-                self._refund(source)
-        elif not guess:
+        else:
+            self._known[key_hash] = (now, found)
+
+    def _refresh_later(self, key_hash: bytes, source: str) -> None:
+        if key_hash in self._refreshing:
+            return  # one flight per key
+        task = asyncio.get_running_loop().create_task(self._refresh(key_hash, source), name="key-refresh")
+        self._refreshing[key_hash] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(key_hash, None))
+
+    async def _refresh(self, key_hash: bytes, source: str) -> None:
+        """Re-read a known key. What PostgreSQL says replaces the entry (revoked, expired or gone: the next
+        request is refused, and the source that used it is charged a failure, as for any failed lookup).
+        A failure keeps the entry, which expires ``stale_ttl_s`` after its last successful read."""
+        cached = self._known.get(key_hash)
+        key_id = cached[1].key_id if cached is not None else "?"
+        try:
+            async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                found = await self._lookup.find_by_hash(key_hash)
+        except (Unavailable, TimeoutError) as exc:
+            log.warning("key %s not re-read (%s); serving the cached entry", key_id,
+                        getattr(exc, "reason", type(exc).__name__))
+            return
+        except Exception:
+            log.exception("key %s not re-read; serving the cached entry", key_id)
+            return
+        now = self._clock()
+        self._store(key_hash, found, now)
+        if found is None or not self._valid(found):
             self._failed(source, now)
-        return found
 
     def _valid(self, record: KeyRecord) -> bool:
         return not (record.revoked or record.key_id in self._revoked
