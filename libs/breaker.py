@@ -22,6 +22,7 @@ successful probes close it, a failed probe opens it again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -202,6 +203,10 @@ class Breaker:
             if fault:
                 self.window.record(True)
             handled = cm.__exit__(type(exc), exc, exc.__traceback__)
+            if probe and isinstance(exc, asyncio.CancelledError):
+                # pybreaker takes any excluded outcome as a success and would close the breaker on a probe
+                # the caller cancelled (a stalled stream the request path gave up on): it proved nothing.
+                self._cb.open()
             if fault:
                 self._trip_on_timeouts(exc)
                 self._trip_on_rate()

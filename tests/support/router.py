@@ -85,6 +85,7 @@ class ScriptedInference:
         self.modes = modes
         self.calls: list[str] = []
         self.prompts: list[list[ChatMessage]] = []
+        self.faults: list[str] = []  # targets the request path counted a fault against (timeouts)
 
     def order(self, targets: Sequence[str]) -> list[str]:
         return [t for t in targets if self.modes.get(t) != "open"]
@@ -94,6 +95,9 @@ class ScriptedInference:
 
     def cooling_for(self, targets: Sequence[str]) -> float | None:
         return None
+
+    def record_fault(self, target: str, exc: Unavailable) -> None:
+        self.faults.append(target)
 
     async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
                        params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:

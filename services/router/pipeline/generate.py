@@ -8,20 +8,25 @@ attempts of a request share ``RetryPolicy.max_attempts``. A prompt too long for 
 with a larger context window. Once a delta has reached the client the request cannot switch backends,
 so a failure then is final. When every candidate failed, ``state.finish`` stays None and the gateway
 falls back to the cache.
+
+A hung backend is a failure too (issue 24): no first delta within ``RetryPolicy.first_token_timeout_s``,
+or no chunk for ``stall_timeout_s`` after one, cancels the call, counts a fault against the replica's
+breaker and the degradation controller, and is ``Unavailable(BACKEND_TIMEOUT)``: before any delta reached
+the client the next candidate is tried, after one the request ends UNAVAILABLE (what was counted is billed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from libs.breaker import is_backend_fault
-from libs.chat import GenerationParams
+from libs.chat import GenerationChunk, GenerationParams
 from libs.deadlines import Deadline
-from libs.errors import Overloaded, QuotaExceeded, TollgateError
+from libs.errors import Overloaded, QuotaExceeded, TollgateError, Unavailable
 from services.router.control.registry import ModelEntry, Registry
 from services.router.pipeline.admit import AdmitStage
 from services.router.pipeline.failover import RetryPolicy, is_context_overflow, is_retryable, retry_after
@@ -108,29 +113,59 @@ class GenerateStage:
                     log.warning("request %s: model %s at %s failed (%s), attempt %d of %d", state.request_id,
                                 model.name, target, exc.reason, state.attempts, self._retry.max_attempts)
 
+    async def _chunks(self, state: RequestState, target: str, model: ModelEntry,
+                      chunks: AsyncIterator[GenerationChunk]) -> AsyncGenerator[GenerationChunk, None]:
+        """The backend's chunks, each awaited at most the first-token (until a delta came) or stall timeout.
+        On expiry the pending read is cancelled, which cancels the backend call."""
+        first = True
+        while True:
+            limit = self._retry.first_token_timeout_s if first else self._retry.stall_timeout_s
+            try:
+                async with asyncio.timeout(limit):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                what = "sent no first token" if first else "stalled"
+                exc = Unavailable(f"{model.name} {what} in {limit:g}s", reason="BACKEND_TIMEOUT")
+                log.warning("request %s: model %s at %s %s in %gs; call cancelled", state.request_id, model.name,
+                            target, what, limit)
+                state.add_route_reason(f"timeout: {model.name} {what} in {limit:g}s")
+                self._inference.record_fault(target, exc)
+                raise exc from None
+            first = first and not chunk.delta
+            yield chunk
+
     async def _call(self, state: RequestState, target: str, model: ModelEntry, params: GenerationParams,
                     deadline: Deadline) -> AsyncGenerator[str, None]:
-        async for chunk in self._inference.generate(target, state.request_id, model.name, state.cmd.messages,
-                                                    params, deadline):
-            state.counted_output_tokens += chunk.output_tokens
-            if chunk.delta:
-                state.text.append(chunk.delta)
-                yield chunk.delta
-            if chunk.finish_reason is not None:
-                state.finish = chunk.finish_reason
-                state.usage = chunk.usage
-                state.provider = chunk.provider
+        backend = self._inference.generate(target, state.request_id, model.name, state.cmd.messages, params,
+                                           deadline)
+        try:
+            async for chunk in self._chunks(state, target, model, backend):
+                state.counted_output_tokens += chunk.output_tokens
+                if chunk.delta:
+                    state.text.append(chunk.delta)
+                    yield chunk.delta
+                if chunk.finish_reason is not None:
+                    state.finish = chunk.finish_reason
+                    state.usage = chunk.usage
+                    state.provider = chunk.provider
+        finally:
+            # Whatever ended the call (done, a timeout, the client gone), the backend's stream is closed now.
+            aclose = getattr(backend, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def _after_failure(self, state: RequestState, exc: TollgateError, target: str, this_round: _Round) -> str:
         """"overflow" or "retry"; raises ``exc`` when the request cannot go on to another candidate."""
+        if is_backend_fault(exc):
+            self._admit.observe(failed=True)
         if state.text:
             raise exc  # tokens already reached the client: cannot switch models mid-answer
         if is_context_overflow(exc):
             return "overflow"
         if not is_retryable(exc):
             raise exc
-        if is_backend_fault(exc):
-            self._admit.observe(failed=True)
         hint = retry_after(exc)
         if hint is not None:
             this_round.hints.append(hint)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from libs.chat import ChatMessage, GenerationChunk, GenerationParams, Principal, TokenUsage
 from libs.deadlines import Deadline
+from libs.errors import Unavailable
 from libs.rag_context import ContextChunk
 from services.router.control.experiments import Experiment, Variant
 from services.router.control.pricing import Price
@@ -93,6 +94,11 @@ class InferenceClient(Protocol):
 
     def cooling_for(self, targets: Sequence[str]) -> float | None:
         """Seconds until the first cooling one of ``targets`` takes traffic again (None: none is cooling)."""
+        ...
+
+    def record_fault(self, target: str, exc: Unavailable) -> None:
+        """Count a fault the request path detected itself (no first token in time, a stall; the call was
+        cancelled) against ``target``'s breaker."""
         ...
 
     def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],

@@ -147,3 +147,11 @@ async def test_a_fault_recorded_from_outside_counts_like_one_raised_inside() -> 
     assert breaker.is_open
     breaker.record_fault(_timeout())  # open: nothing to count, nothing raised
     assert breaker.is_open
+
+
+async def test_a_cancelled_probe_does_not_close_it() -> None:
+    breaker = Breaker("t", fail_max=1, reset_timeout_s=0.05)
+    await _fail(breaker, Unavailable("down", reason="UNAVAILABLE"))
+    time.sleep(0.06)
+    await _fail(breaker, asyncio.CancelledError())  # the probe: the caller gave up on it
+    assert breaker.is_open

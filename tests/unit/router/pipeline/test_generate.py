@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -52,6 +53,8 @@ class Backends:
         self.cool_downs: list[tuple[str, float]] = []
         self.orders = 0  # how often a round asked for the replicas to try
         self.cooling = dict(cooling or {})  # target -> monotonic time it takes traffic again
+        self.faults: list[tuple[str, str]] = []  # (target, reason) the stage counted against a breaker
+        self.cancelled: list[str] = []  # targets whose call was cancelled while it hung
 
     def order(self, targets: Sequence[str]) -> list[str]:
         self.orders += 1
@@ -65,6 +68,9 @@ class Backends:
         now = time.monotonic()
         waits = [self.cooling[t] - now for t in targets if self.cooling.get(t, 0) > now]
         return min(waits) if waits else None
+
+    def record_fault(self, target: str, exc: Unavailable) -> None:
+        self.faults.append((target, exc.reason))
 
     def targets(self) -> list[str]:
         return [t for t, _, _ in self.calls]
@@ -85,12 +91,24 @@ class Backends:
         }
         if mode in errors:
             raise errors[mode]
+        if mode == "hang":
+            await self._hang(target)
         yield GenerationChunk(delta="Par", output_tokens=1)
         if mode == "partial":
             raise Unavailable("connection reset", reason="BACKEND_ERROR")
+        if mode == "stall":
+            await self._hang(target)
         yield GenerationChunk(delta="is", output_tokens=1)
         yield GenerationChunk(output_tokens=0, usage=TokenUsage(9, 2, 0), finish_reason=FinishReason.STOP,
                               model=model, provider=f"prov-{target}")
+
+
+    async def _hang(self, target: str) -> None:
+        try:
+            await asyncio.Event().wait()  # never set: a backend that hangs
+        except asyncio.CancelledError:
+            self.cancelled.append(target)
+            raise
 
 
 def _stage(backends: Backends, registry: Registry | None = None, *, retry: RetryPolicy = RetryPolicy(),
@@ -288,3 +306,53 @@ async def test_an_unavailable_backend_with_a_hint_is_not_cooled_down() -> None:
     backends = Backends({"t-primary": ["hint"], "t-backup": ["ok"]})
     await _drain(_stage(backends), _state(), [PRIMARY, BACKUP])
     assert backends.cool_downs == [] and backends.targets() == ["t-primary", "t-backup"]
+
+
+# --- hung backends (issue 24) -------------------------------------------------------------------
+
+HANG_RETRY = RetryPolicy(first_token_timeout_s=0.05, stall_timeout_s=0.05)
+
+
+async def test_no_first_token_in_time_cancels_the_call_counts_a_fault_and_fails_over() -> None:
+    backends = Backends({"t-primary": ["hang"], "t-backup": ["ok"]})
+    controller = _controller()
+    state = _state()
+    t0 = time.monotonic()
+    deltas = await _drain(_stage(backends, retry=HANG_RETRY, controller=controller), state, [PRIMARY, BACKUP])
+    elapsed = time.monotonic() - t0
+    assert deltas == ["Par", "is"] and backends.targets() == ["t-primary", "t-backup"]
+    assert backends.cancelled == ["t-primary"]  # the hung call saw its cancellation
+    assert backends.faults == [("t-primary", "BACKEND_TIMEOUT")]  # counted against its breaker
+    assert state.attempts == 2 and state.model is BACKUP and "no first token" in state.route_reason
+    assert controller.evaluate() is Level.REDUCED  # the timeout was reported to degradation too
+    assert 0.04 < elapsed < 0.5
+
+
+async def test_every_candidate_hanging_spends_the_attempts_and_leaves_the_state_unfinished() -> None:
+    backends = Backends({"t-primary": ["hang"], "t-backup": ["hang"]})
+    state = _state()
+    retry = RetryPolicy(max_attempts=3, backoff_base_s=0.0, first_token_timeout_s=0.03, stall_timeout_s=0.03)
+    assert await _drain(_stage(backends, retry=retry), state, [PRIMARY, BACKUP]) == []
+    assert state.attempts == 3 and state.finish is None and len(backends.cancelled) == 3
+    assert [t for t, _ in backends.faults] == ["t-primary", "t-backup", "t-primary"]
+
+
+async def test_a_stall_after_a_delta_ends_the_request_with_what_was_counted() -> None:
+    backends = Backends({"t-primary": ["stall"], "t-backup": ["ok"]})
+    state = _state()
+    received: list[str] = []
+    with pytest.raises(Unavailable) as caught:
+        async for delta in _stage(backends, retry=HANG_RETRY).through_chain(state, [PRIMARY, BACKUP],
+                                                                             Deadline.after(5)):
+            received.append(delta)
+    assert caught.value.reason == "BACKEND_TIMEOUT" and "stalled" in str(caught.value)
+    assert received == ["Par"] and backends.targets() == ["t-primary"]  # no switch mid-answer
+    assert backends.cancelled == ["t-primary"] and backends.faults == [("t-primary", "BACKEND_TIMEOUT")]
+    assert state.counted_output_tokens == 1 and state.finish is None  # accounting bills the counted token
+
+
+async def test_a_slow_but_steady_stream_is_not_a_stall() -> None:
+    backends = Backends({"t-primary": ["ok"]})
+    retry = RetryPolicy(first_token_timeout_s=0.2, stall_timeout_s=0.2)
+    assert await _drain(_stage(backends, retry=retry), _state(), [PRIMARY]) == ["Par", "is"]
+    assert backends.faults == [] and backends.cancelled == []
