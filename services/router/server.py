@@ -15,12 +15,14 @@ from tollgate.router.v1 import admin_pb2_grpc, router_pb2_grpc
 
 from libs.breaker import Breaker
 from libs.clients import Downstream
+from libs.errors import Unavailable
 from libs.grpc_server import ServiceBinding, run, serve_until_stopped
 from libs.settings import load_settings
 from services.router.control.admin_servicer import AdminServicer
 from services.router.control.bootstrap import apply_migrations, bootstrap_at_startup, parse_default_models
 from services.router.control.experiments import ExperimentBook, ExperimentStore
 from services.router.control.keys import RevocationBus
+from services.router.control.limit_book import LimitBook
 from services.router.control.plane import ControlPlane
 from services.router.control.registry import Registry
 from services.router.db import create_pool
@@ -39,6 +41,7 @@ from services.router.pipeline.complexity import DEFAULT_MODEL_PATH, ComplexityMo
 from services.router.pipeline.degradation import DegradationController, DegradationPolicy
 from services.router.pipeline.failover import RetryPolicy
 from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import AutoRouter
 from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
 from services.router.servicer import RouterServicer
@@ -76,6 +79,14 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
     control = ControlPlane(pool, revocations)
     registry = Registry(pool, settings.registry_refresh_s)
     await registry.load()
+    # Limits and budgets for the local limiter (stands in while the ratelimit service is unreachable).
+    limit_book = LimitBook(pool, settings.registry_refresh_s, key_default=(
+        settings.local_limit_default_key_rpm, settings.local_limit_default_key_tpm,
+        settings.local_limit_default_key_tpd))
+    try:
+        await limit_book.load()
+    except Unavailable as exc:
+        log.warning("limits not loaded yet (%s); the local limiter retries in the background", exc)
     experiments = ExperimentStore(pool)
     experiment_book = ExperimentBook(experiments, settings.registry_refresh_s)
     await experiment_book.load()
@@ -124,12 +135,14 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
                                         first_token_timeout_s=settings.inference_first_token_timeout_s,
                                         stall_timeout_s=settings.inference_stall_timeout_s),
                       degradation=degradation, shedder=shedder, experiments=experiment_book,
-                      auto_router=_auto_router(settings))
+                      auto_router=_auto_router(settings),
+                      local_limits=LocalLimiter(limit_book, share=settings.local_share))
 
     background = [asyncio.create_task(registry.refresh_forever(), name="registry-refresh"),
                   asyncio.create_task(recorder.replay_forever(), name="usage-spool-replay"),
                   asyncio.create_task(revocations.listen_forever(auth), name="key-revocations"),
-                  asyncio.create_task(experiment_book.refresh_forever(), name="experiments-refresh")]
+                  asyncio.create_task(experiment_book.refresh_forever(), name="experiments-refresh"),
+                  asyncio.create_task(limit_book.refresh_forever(), name="limits-refresh")]
     if settings.run_ledger_writer:
         writer = LedgerWriter(redis_client, pool, stream_key, consumer=f"{socket.gethostname()}-{os.getpid()}",
                               batch_size=settings.ledger_batch_size, linger_s=settings.ledger_linger_s)

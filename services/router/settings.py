@@ -52,6 +52,18 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     # Models, prices and the like are reloaded from PostgreSQL this often.
     registry_refresh_s: float = Field(2.0, gt=0)
 
+    # Local limiter (pipeline/local_limits.py), used while the ratelimit service is unreachable: this router
+    # admits at most `local_limit_share` of every limit and budget (key, team, org, global) per window, counting
+    # what it admitted itself (through the service too) in that window. Unset: 1 / `router_replicas`, so the
+    # routers' shares add up to the limit. Set `router_replicas` to the number of router processes.
+    router_replicas: int = Field(1, ge=1, le=10_000)
+    local_limit_share: float | None = Field(None, gt=0, le=1)
+    # The ratelimit service's per-key default limits (its TOLLGATE_RATELIMIT_DEFAULT_KEY_RPM/TPM/TPD), for keys
+    # without a `limits` row; keep them equal.
+    local_limit_default_key_rpm: int = Field(0, ge=0)
+    local_limit_default_key_tpm: int = Field(0, ge=0)
+    local_limit_default_key_tpd: int = Field(0, ge=0)
+
     default_max_output_tokens: int = Field(1024, gt=0)
     # A breaker per inference replica opens on `fail_max` consecutive faults, or on an error rate of at
     # least `error_rate` over `window_s` once `min_calls` calls fall in the window; probes after the reset.
@@ -112,6 +124,11 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     bootstrap_models_json: str = ""
     # Where a new admin key is written (mode 0600; never logged). Required with bootstrap_models_json.
     bootstrap_admin_key_file: str = ""
+
+    @property
+    def local_share(self) -> float:
+        """This router's share of each limit while it decides alone."""
+        return self.local_limit_share if self.local_limit_share is not None else 1.0 / self.router_replicas
 
     @field_validator("bootstrap_models_json")
     @classmethod

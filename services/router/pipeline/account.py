@@ -20,6 +20,7 @@ from libs.deadlines import Deadline
 from libs.errors import TollgateError
 from libs.rag_context import cited_chunk_ids
 from services.router.ledger.events import UsageEvent, utcnow
+from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import CacheClient, RateLimitClient, UsageSink
 from services.router.pipeline.request import RequestState, Summary
 
@@ -29,8 +30,10 @@ SETTLE_TIMEOUT_S = 5.0
 
 
 class AccountStage:
-    def __init__(self, ratelimit: RateLimitClient, cache: CacheClient, usage: UsageSink):
+    def __init__(self, ratelimit: RateLimitClient, cache: CacheClient, usage: UsageSink,
+                 local: LocalLimiter | None = None):
         self._ratelimit = ratelimit
+        self._local = local
         self._cache = cache
         self._usage = usage
         self._pending: set[asyncio.Task[None]] = set()
@@ -95,9 +98,16 @@ class AccountStage:
             await asyncio.wait([state.reserving], timeout=deadline.remaining())
         if state.reserving is not None and state.reserving.done() and not state.reserving.cancelled():
             state.reserving.exception()  # retrieved: a refused reservation is no settlement's business
+        served = state.cache_tier == "miss" and bool(state.text or state.usage)
+        if self._local is not None and state.local_hold is not None:
+            # This router's own record (what its local limiter counts while the limiter is unreachable).
+            if served:
+                self._local.settle(state.local_hold, tokens=tokens, cost=cost)
+            else:
+                self._local.release(state.local_hold)
         try:
             if state.reservation is not None:
-                if state.cache_tier == "miss" and (state.text or state.usage):
+                if served:
                     await self._ratelimit.commit(state.reservation.reservation_id, tokens, cost, deadline)
                 else:
                     await self._ratelimit.release(state.reservation.reservation_id, deadline)

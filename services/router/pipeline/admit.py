@@ -8,7 +8,11 @@
   asks the route to move to a cheaper model.
 
 The reservation may start while the cache lookup runs (see :meth:`AdmitStage.may_reserve_early`), so a
-miss pays one round trip instead of two. Fail open: an unreachable limiter admits the request, marked.
+miss pays one round trip instead of two. When the ratelimit service cannot answer (Unavailable,
+DeadlineExceeded, its breaker open), this router's local limiter (``local_limits.py``) decides instead,
+within this router's share of every limit and counting what this router admitted in the current windows;
+a request it admits is marked degraded ``ratelimit_unavailable``. Without a local limiter (tests), the
+request is admitted unreserved, marked.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from libs.chat import TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, QuotaExceeded, Unavailable
 from services.router.pipeline.degradation import DegradationController, Level
+from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import RateLimitClient
 from services.router.pipeline.request import RequestState
 from services.router.pipeline.shedding import LoadShedder
@@ -39,8 +44,10 @@ def is_budget_exhausted(exc: QuotaExceeded) -> bool:
 
 class AdmitStage:
     def __init__(self, ratelimit: RateLimitClient, *, default_max_output_tokens: int, side_timeout_s: float,
-                 degradation: DegradationController | None = None, shedder: LoadShedder | None = None):
+                 degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
+                 local: LocalLimiter | None = None):
         self._ratelimit = ratelimit
+        self._local = local
         self._default_max_output = default_max_output_tokens
         self._side_timeout_s = side_timeout_s
         self._degradation = degradation
@@ -69,19 +76,32 @@ class AdmitStage:
         cmd = state.cmd
         max_out = cmd.params.max_output_tokens or self._default_max_output
         estimate = TokenUsage(state.prompt_tokens(), max_out)
+        cost = state.price.cost(estimate)
         try:
             state.reservation = await self._ratelimit.reserve(
-                state.key.principal, cmd.client_ip, state.request_id, estimate.total,
-                state.price.cost(estimate), deadline.within(self._side_timeout_s))
+                state.key.principal, cmd.client_ip, state.request_id, estimate.total, cost,
+                deadline.within(self._side_timeout_s))
         except (Unavailable, DeadlineExceeded) as exc:
-            # Fail open: the limiter being down must not take the gateway down (DESIGN: local limiter
-            # stands in; until that lands the request is admitted and marked).
-            log.warning("ratelimit unavailable (%s): admitting request %s unreserved", exc.reason,
-                        state.request_id)
-            state.degrade("ratelimit_unavailable", "admitted without a limit check (limiter unreachable)")
+            self._admit_locally(state, estimate.total, cost, exc.reason)
             return
+        if self._local is not None:
+            state.local_hold = self._local.record(state.key.principal, estimate.total, cost)
         if state.reservation.degraded:
             state.degrade("ratelimit_unavailable", "the limiter ran without its store")
+
+    def _admit_locally(self, state: RequestState, tokens: int, cost: int, why: str) -> None:
+        """The ratelimit service did not answer: this router's share decides (raises QuotaExceeded)."""
+        if self._local is None:
+            log.warning("ratelimit unavailable (%s): admitting request %s unreserved", why, state.request_id)
+            state.degrade("ratelimit_unavailable", "admitted without a limit check (limiter unreachable)")
+            return
+        try:
+            state.local_hold = self._local.admit(state.key.principal, tokens, cost)
+        except QuotaExceeded:
+            log.info("ratelimit unavailable (%s): request %s refused by the local limiter", why, state.request_id)
+            raise
+        log.warning("ratelimit unavailable (%s): request %s admitted by the local limiter", why, state.request_id)
+        state.degrade("ratelimit_unavailable", "admitted by this router's local limiter (limiter unreachable)")
 
     def require_probe(self) -> None:
         """In cache-only mode a miss goes on only as the interval's probe (its answer tells the controller

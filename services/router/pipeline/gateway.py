@@ -23,6 +23,7 @@ from services.router.pipeline.admit import AdmitStage, is_budget_exhausted
 from services.router.pipeline.degradation import DegradationController, Level
 from services.router.pipeline.failover import RetryPolicy
 from services.router.pipeline.generate import GenerateStage
+from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.lookup import LookupStage
 from services.router.pipeline.ports import (
     AutoRouter,
@@ -47,16 +48,18 @@ class Gateway:
                  side_call_timeout_s: float, retrieval: RetrievalClient | None = None,
                  retrieval_timeout_s: float = 2.0, retry: RetryPolicy = RetryPolicy(),
                  degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
-                 auto_router: AutoRouter | None = None, experiments: ExperimentAssigner | None = None):
+                 auto_router: AutoRouter | None = None, experiments: ExperimentAssigner | None = None,
+                 local_limits: LocalLimiter | None = None):
         self._registry = registry
         self._route = RouteStage(registry, auto_router, experiments)
         self._retrieve = RetrieveStage(retrieval, retrieval_timeout_s)
         self._lookup = LookupStage(cache, registry, side_call_timeout_s)
         self._admit = AdmitStage(ratelimit, default_max_output_tokens=default_max_output_tokens,
-                                 side_timeout_s=side_call_timeout_s, degradation=degradation, shedder=shedder)
+                                 side_timeout_s=side_call_timeout_s, degradation=degradation, shedder=shedder,
+                                 local=local_limits)
         self._generate = GenerateStage(inference, registry, self._route, self._admit, retry=retry,
                                        default_max_output_tokens=default_max_output_tokens)
-        self._account = AccountStage(ratelimit, cache, usage)
+        self._account = AccountStage(ratelimit, cache, usage, local_limits)
 
     def resolve_chain(self, key: KeyRecord, cmd: GenerateCommand) -> list[ModelEntry]:
         return self._route.resolve_chain(key, cmd)

@@ -18,6 +18,7 @@ from services.router.control.pricing import FREE, Price
 from services.router.control.registry import ModelEntry, Registry
 from services.router.ledger.events import utcnow
 from services.router.pipeline.degradation import Level
+from services.router.pipeline.local_limits import LocalHold
 from services.router.pipeline.ports import CacheNamespace, Reservation
 
 
@@ -103,6 +104,8 @@ class RequestState:
     provider: str = ""
     price: Price = FREE
     reservation: Reservation | None = None
+    # This router's own record of the admission (pipeline/local_limits.py), settled by accounting.
+    local_hold: LocalHold | None = None
     text: list[str] = field(default_factory=list)
     # Output tokens the engine reported delta by delta (vLLM); 0 when it does not say.
     counted_output_tokens: int = 0

@@ -12,9 +12,11 @@ from libs.chat import ChatMessage, FinishReason, GenerationParams, TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import QuotaExceeded, QuotaViolation, TollgateError, Unavailable
 from libs.rag_context import ContextChunk, assemble_context
+from services.router.control.limit_book import LimitBook, LimitSnapshot
 from services.router.ledger.events import UsageEvent
 from services.router.pipeline.account import AccountStage
 from services.router.pipeline.degradation import Level
+from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import CachedAnswer, CacheNamespace, Reservation
 from services.router.pipeline.request import RequestState
 from tests.support.router import KEY, PRIMARY, Ledger, command, registry_of
@@ -300,3 +302,34 @@ async def test_a_refused_reservation_in_flight_is_not_settled_and_not_raised() -
     state.reserving = asyncio.ensure_future(refused())
     await _settle(account, state)
     assert limiter.releases == [] and limiter.commits == [] and len(ledger.events) == 1
+
+
+# --- settle: this router's own record (the local limiter's carry-over) -------------------------------
+
+def _recording_local() -> LocalLimiter:
+    book = LimitBook(None, 1.0)
+    key = ("key", KEY.principal.key_id)
+    book.replace(LimitSnapshot({key: (10, 1000, 0)}, {key: (10**9, 0)}))
+    return LocalLimiter(book)
+
+
+async def test_a_commit_replaces_the_local_estimate_with_the_actual_figures() -> None:
+    local = _recording_local()
+    limiter, cache, ledger = RecordingLimiter(), RecordingCache(), Ledger()
+    account = AccountStage(limiter, cache, ledger, local)
+    state = _generated()
+    state.local_hold = local.record(KEY.principal, 500, 900_000)
+    await _settle(account, state)
+    used = local.used("key", "k1")
+    assert (used["requests_per_minute"], used["tokens_per_minute"], used["daily_nano_usd"]) == (1, 13, 16_000)
+
+
+async def test_a_hit_or_a_locally_admitted_failure_gives_the_local_record_back() -> None:
+    local = _recording_local()
+    account = AccountStage(RecordingLimiter(), RecordingCache(), Ledger(), local)
+    state = _hit(_generated())
+    state.reservation = None  # admitted by the local limiter
+    state.local_hold = local.admit(KEY.principal, 500, 900_000)
+    await _settle(account, state)
+    used = local.used("key", "k1")
+    assert (used["requests_per_minute"], used["tokens_per_minute"], used["daily_nano_usd"]) == (0, 0, 0)

@@ -7,11 +7,14 @@ import time
 
 import pytest
 
+from libs.breaker import BreakerOpen
 from libs.chat import ChatMessage, GenerationParams, Principal, Role, TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, Overloaded, QuotaExceeded, QuotaViolation, TollgateError, Unavailable
+from services.router.control.limit_book import LimitBook, LimitSnapshot
 from services.router.pipeline.admit import BUDGET_EXHAUSTED, AdmitStage, is_budget_exhausted
 from services.router.pipeline.degradation import DegradationController, DegradationPolicy, Level
+from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import Reservation
 from services.router.pipeline.request import GenerateCommand, RequestState
 from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
@@ -250,3 +253,56 @@ def test_without_a_shedder_shed_admits_everything() -> None:
     admit = _admit()
     with admit.shed("free"), admit.shed("free"):
         pass
+
+
+# --- the local limiter (pipeline/local_limits.py) while the ratelimit service is unreachable ---------
+
+def _local(rpm: int = 2, share: float = 1.0) -> LocalLimiter:
+    book = LimitBook(None, 1.0)
+    book.replace(LimitSnapshot({("key", KEY.principal.key_id): (rpm, 0, 0)}, {}))
+    return LocalLimiter(book, share=share)
+
+
+@pytest.mark.parametrize("error", [Unavailable("ratelimit down"), BreakerOpen("ratelimit unavailable (circuit open)"),
+                                   DeadlineExceeded("ratelimit slow")])
+async def test_an_unreachable_limiter_falls_back_to_the_local_limiter(error: TollgateError) -> None:
+    local = _local()
+    state = _state()
+    await _admit(RecordingLimiter(error=error), local=local).reserve(state, Deadline.after(5))
+    assert state.reservation is None and state.local_hold is not None
+    assert state.degraded == ["ratelimit_unavailable"]
+    assert state.degraded_detail == ["admitted by this router's local limiter (limiter unreachable)"]
+    assert local.used("key", "k1")["requests_per_minute"] == 1
+
+
+async def test_a_key_at_its_limit_is_refused_locally() -> None:
+    local = _local(rpm=2)
+    admit = _admit(RecordingLimiter(error=Unavailable("ratelimit down")), local=local)
+    for _ in range(2):
+        await admit.reserve(_state(), Deadline.after(5))
+    with pytest.raises(QuotaExceeded) as err:
+        await admit.reserve(_state(), Deadline.after(5))
+    assert [v.subject for v in err.value.violations] == ["key:k1"]
+    assert err.value.metadata["limiter"] == "local" and err.value.retry_after_s > 0
+
+
+async def test_reservations_the_service_made_carry_over_into_the_outage() -> None:
+    local = _local(rpm=2)
+    limiter = RecordingLimiter()
+    admit = _admit(limiter, local=local)
+    for _ in range(2):
+        state = _state()
+        await admit.reserve(state, Deadline.after(5))
+        assert state.reservation is not None and state.local_hold is not None and state.degraded == []
+    limiter.error = Unavailable("ratelimit down")
+    with pytest.raises(QuotaExceeded):
+        await admit.reserve(_state(), Deadline.after(5))
+
+
+async def test_the_local_share_is_a_fraction_of_the_limit() -> None:
+    local = _local(rpm=6, share=1 / 3)
+    admit = _admit(RecordingLimiter(error=Unavailable("ratelimit down")), local=local)
+    for _ in range(2):
+        await admit.reserve(_state(), Deadline.after(5))
+    with pytest.raises(QuotaExceeded):
+        await admit.reserve(_state(), Deadline.after(5))
