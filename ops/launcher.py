@@ -447,28 +447,31 @@ class Mesh:
         return key or None
 
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str],
-               probe: Callable[[], bool] = lambda: True) -> Child:
+               probe: Callable[[], bool] = lambda: True, restart_env: Mapping[str, str] | None = None) -> Child:
+        """Start ``python -m libs.child <module>``; a restart uses ``restart_env`` when given, else ``env``."""
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
         # `python -m libs.child` arms PR_SET_PDEATHSIG in the child itself: no preexec_fn here, so Popen can
         # use vfork() and never runs gRPC's fork handlers in this (gRPC-using) process.
         module_args = args[1:] if args[:1] == ["-m"] else args
-        child_env = {**os.environ, **env, LAUNCHER_PID_ENV: str(os.getpid())}
 
-        def spawn() -> subprocess.Popen[bytes]:
+        def spawn(env: Mapping[str, str]) -> subprocess.Popen[bytes]:
             with open(log_path, "ab") as log:  # the child holds its own copy
                 return subprocess.Popen([sys.executable, "-m", "libs.child", *module_args], cwd=REPO_ROOT,
-                                        env=child_env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        env={**os.environ, **env, LAUNCHER_PID_ENV: str(os.getpid())},
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-        child = Child(name, spawn(), log_path, respawn=spawn, probe=probe)
+        again = env if restart_env is None else restart_env
+        child = Child(name, spawn(env), log_path, respawn=lambda: spawn(again), probe=probe)
         self.children.append(child)
         return child
 
-    def _spawn_service(self, name: str, port: int, env: Mapping[str, str]) -> Child:
+    def _spawn_service(self, name: str, port: int, env: Mapping[str, str],
+                       restart_env: Mapping[str, str] | None = None) -> Child:
         address = f"{self.settings.host}:{port}"
-        return self._spawn(name, ["-m", f"services.{name}"], env, probe=lambda: grpc_serving(address))
+        return self._spawn(name, ["-m", f"services.{name}"], env, probe=lambda: grpc_serving(address),
+                           restart_env=restart_env)
 
     def supervised(self) -> list[Supervised]:
         """Everything a ``Supervisor`` should keep running: the children, then private Redis and PostgreSQL."""
@@ -520,11 +523,14 @@ class Mesh:
                       "TOLLGATE_ROUTER_CACHE_TARGET": f"{s.host}:{s.cache_port}",
                       "TOLLGATE_ROUTER_RATELIMIT_TARGET": f"{s.host}:{s.ratelimit_port}",
                       "TOLLGATE_ROUTER_RETRIEVAL_TARGET": f"{s.host}:{s.retrieval_port}"}
+        # A restarted router does not bootstrap again: it would recreate defaults an admin removed since, and
+        # a new admin key (all of them revoked) would be written to a file nobody prints.
+        restart_env = dict(router_env)
         if bootstrap_models:
             self.bootstrap_key_file.unlink(missing_ok=True)  # what is there now is not this start's key
             router_env |= {"TOLLGATE_ROUTER_BOOTSTRAP_MODELS_JSON": json.dumps(list(bootstrap_models)),
                            "TOLLGATE_ROUTER_BOOTSTRAP_ADMIN_KEY_FILE": str(self.bootstrap_key_file)}
-        router = self._spawn_service("router", s.router_port, router_env)
+        router = self._spawn_service("router", s.router_port, router_env, restart_env=restart_env)
         wait_serving(self.router_address, s.start_timeout_s, router.proc)
         edge = self._spawn("edge", ["-m", "services.edge"],
                            {**self.env, "TOLLGATE_EDGE_PORT": str(s.edge_port),

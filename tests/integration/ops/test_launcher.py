@@ -79,6 +79,16 @@ def test_tollgate_up_restarts_a_killed_service_while_the_others_keep_serving(
         restarted = the_child(launcher, "services.cache")
         assert restarted.pid != cache.pid
         started |= {p.pid for p in launcher.children(recursive=True)}
+
+        # The router too: it comes back (without bootstrapping again), and the edge serves through it.
+        router = the_child(launcher, "services.router")
+        router.send_signal(signal.SIGKILL)
+        router.wait(5)
+        wait_for(lambda: grpc_serving(f"127.0.0.1:{ports['router']}") and http_healthy(edge), 30, "the router")
+        assert all(grpc_serving(f"127.0.0.1:{ports[n]}") for n in ("cache", "ratelimit", "retrieval", "inference"))
+        assert not (tmp_path / "bootstrap-admin.key").exists()
+        assert "bootstrap" not in (tmp_path / "logs" / "router.log").read_text().rsplit("restarting in", 1)[1]
+        started |= {p.pid for p in launcher.children(recursive=True)}
         assert up.poll() is None
     finally:
         started |= {p.pid for p in launcher.children(recursive=True)} if up.poll() is None else set()
