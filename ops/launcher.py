@@ -244,7 +244,7 @@ class Supervisor:
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     report: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
     clock: Callable[[], float] = time.monotonic
-    _watches: dict[str, _Watch] = field(default_factory=dict)
+    _watches: dict[str, _Watch] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         now = self.clock()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.settings import SettingsError
+from libs.settings import SettingsError, load_settings
 from ops.launcher import (
     CONFIG_ERROR_EXIT,
     UNKNOWN_EXIT,
@@ -26,8 +26,13 @@ def test_backoff_doubles_from_half_a_second_to_a_cap() -> None:
     assert RestartPolicy(initial_backoff_s=1, max_backoff_s=3).backoff_s(3) == 3
 
 
-def test_config_error_is_the_exit_code_of_load_settings() -> None:
-    assert SettingsError(2).code == CONFIG_ERROR_EXIT
+def test_config_error_is_the_exit_code_of_load_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.cache.settings import CacheSettings
+
+    monkeypatch.setenv("TOLLGATE_CACHE_PORT", "not-a-port")
+    with pytest.raises(SettingsError) as exited:  # what a service's main() does with bad settings
+        load_settings(CacheSettings)
+    assert exited.value.code == CONFIG_ERROR_EXIT
 
 
 @pytest.mark.parametrize(("code", "served", "failed", "verdict"), [
