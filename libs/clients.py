@@ -28,6 +28,9 @@ from libs.telemetry import client_interceptors
 # Metadata a trusted proxy (the HTTP edge) sets to the address of the client it serves; the router
 # believes it only from peers in TOLLGATE_ROUTER_TRUSTED_PROXIES.
 CLIENT_IP_METADATA = "x-tollgate-client-ip"
+# The router's id of a generation, in the trailing metadata of every Generate/GenerateStream call (errors
+# included) and in the initial metadata of a stream that got past authentication; the usage ledger's key.
+REQUEST_ID_METADATA = "x-request-id"
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),

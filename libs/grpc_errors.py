@@ -212,14 +212,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+async def _abort_keeping_trailers(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    """``abort_with_status``, keeping the trailing metadata the handler had set (the router's request id):
+    grpcio's abort replaces it with the status's own."""
+    own = tuple(status.trailing_metadata or ())
+    names = {name for name, _ in own}
+    kept = tuple((name, value) for name, value in (context.trailing_metadata() or ()) if name not in names)
+    await context.abort(status.code, status.details, trailing_metadata=kept + own)
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, TollgateError):
-        await context.abort_with_status(to_status(exc))
+        await _abort_keeping_trailers(context, to_status(exc))
     if isinstance(exc, NotImplementedError):
         # The generated base servicer raises this for RPCs a service does not implement (yet).
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     log.exception("unhandled error in %s", method, exc_info=exc)
-    await context.abort_with_status(rpc_status.to_status(_UNEXPECTED))
+    await _abort_keeping_trailers(context, rpc_status.to_status(_UNEXPECTED))
 
 
 class _Undecodable:

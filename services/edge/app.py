@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,13 +21,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tollgate.router.v1 import router_pb2, router_pb2_grpc
 
-from libs.clients import CLIENT_IP_METADATA, open_channel
+from libs.clients import CLIENT_IP_METADATA, REQUEST_ID_METADATA, open_channel
 from libs.errors import TollgateError, Unauthenticated
 from libs.grpc_errors import domain_error_from_rpc
 from services.edge import openai_format as fmt
@@ -44,11 +44,52 @@ MAX_AUTHORIZATION_CHARS = 1024
 
 
 def _error_response(reply: fmt.ErrorReply) -> Response:
+    """The error as JSON; one without a request id (refused at the edge) gets a new one."""
+    if reply.request_id is None:
+        reply = reply.with_request_id(fmt.new_request_id())
     return Response(fmt.dumps(reply.body), status_code=reply.status, headers=reply.headers, media_type=_JSON)
 
 
-def _rpc_error(err: grpc.aio.AioRpcError) -> fmt.ErrorReply:
-    return fmt.error_reply(domain_error_from_rpc(err), err.code().name)
+def _metadata_request_id(metadata: Any) -> str | None:
+    for name, value in metadata or ():
+        if name == REQUEST_ID_METADATA and isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _rpc_error(err: grpc.aio.AioRpcError, request_id: str | None = None) -> fmt.ErrorReply:
+    """The router's error, naming the router's request id (its trailer), else ``request_id``, else a new one
+    (no router answered: unreachable, or the edge's deadline passed first)."""
+    rid = _metadata_request_id(err.trailing_metadata()) or request_id or fmt.new_request_id()
+    return fmt.error_reply(domain_error_from_rpc(err), err.code().name).with_request_id(rid)
+
+
+class RequestIds:
+    """ASGI middleware: every HTTP response carries ``x-request-id`` (routes that know the router's id set
+    it; anything else gets a new one), and a well-formed client ``x-request-id`` comes back as
+    ``x-client-request-id``."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        theirs = next((v for k, v in scope["headers"] if k == fmt.REQUEST_ID_HEADER.encode()), None)
+        echo = fmt.client_request_id(theirs.decode("latin-1")) if theirs is not None else None
+
+        async def send_with_ids(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == fmt.REQUEST_ID_HEADER.encode() for k, _ in headers):
+                    headers.append((fmt.REQUEST_ID_HEADER.encode(), fmt.new_request_id().encode()))
+                if echo is not None:
+                    headers.append((fmt.CLIENT_REQUEST_ID_HEADER.encode(), echo.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_ids)
 
 
 class _TooLarge(Exception):
@@ -58,8 +99,9 @@ class _TooLarge(Exception):
 class _GrpcStreamResponse(StreamingResponse):
     """A StreamingResponse that cancels its gRPC call however the response ends (done, error, disconnect)."""
 
-    def __init__(self, content: AsyncIterator[bytes], call: grpc.aio.UnaryStreamCall[Any, Any]):
-        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+    def __init__(self, content: AsyncIterator[bytes], call: grpc.aio.UnaryStreamCall[Any, Any], request_id: str):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={**_SSE_HEADERS, fmt.REQUEST_ID_HEADER: request_id})
         self._call = call
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -181,7 +223,7 @@ class Edge:
         finally:
             watcher.cancel()
         return Response(fmt.dumps(fmt.completion(resp, int(time.time()))), media_type=_JSON,
-                        headers={"x-request-id": resp.summary.request_id})
+                        headers={fmt.REQUEST_ID_HEADER: resp.summary.request_id})
 
     async def _stream(self, request: Request, call: fmt.ChatCall, metadata: tuple[tuple[str, str], ...],
                       timeout_s: float) -> Response:
@@ -203,16 +245,18 @@ class Edge:
             raise
         finally:
             watcher.cancel()
+        # The router sends its id as initial metadata before the first event.
+        rid = _metadata_request_id(await stream.initial_metadata()) or fmt.new_request_id()
         if first is grpc.aio.EOF:  # the router always ends with a summary; this is a bug somewhere
-            log.error("edge: the router's stream ended without a summary")
-            return _error_response(fmt.error_reply(TollgateError("empty stream"), "INTERNAL"))
-        encoder = fmt.ChunkEncoder("chatcmpl-" + uuid.uuid4().hex, call.input.model, int(time.time()))
-        return _GrpcStreamResponse(self._events(stream, first, encoder, call.include_usage), stream)
+            log.error("edge: the router's stream ended without a summary (request %s)", rid)
+            return _error_response(fmt.error_reply(TollgateError("empty stream"), "INTERNAL").with_request_id(rid))
+        encoder = fmt.ChunkEncoder("chatcmpl-" + rid, call.input.model, int(time.time()))
+        return _GrpcStreamResponse(self._events(stream, first, encoder, call.include_usage, rid), stream, rid)
 
     @staticmethod
     async def _events(stream: grpc.aio.UnaryStreamCall[Any, router_pb2.GenerateStreamResponse],
                       first: router_pb2.GenerateStreamResponse, encoder: fmt.ChunkEncoder,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+                      include_usage: bool, request_id: str) -> AsyncIterator[bytes]:
         event: Any = first
         try:
             while event is not grpc.aio.EOF:
@@ -223,7 +267,7 @@ class Edge:
                 event = await stream.read()
         except grpc.aio.AioRpcError as err:
             # The response has started: the error goes in the stream, then it closes (no [DONE]).
-            yield _rpc_error(err).sse()
+            yield _rpc_error(err, request_id).sse()
 
     async def _list_models(self, request: Request) -> router_pb2.ListAvailableModelsResponse | Response:
         try:
@@ -294,6 +338,7 @@ def create_app(settings: EdgeSettings, *, edge: Edge | None = None) -> Starlette
             Route("/v1/models/{model:path}", edge.model, methods=["GET"]),
             Route("/healthz", edge.healthz, methods=["GET"]),
         ],
+        middleware=[Middleware(RequestIds)],
         exception_handlers={HTTPException: _http_error, Exception: _unexpected},
         lifespan=edge.lifespan,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -593,6 +594,24 @@ def model_object(m: router_pb2.AvailableModel) -> dict[str, Any]:
 
 # --- errors ---------------------------------------------------------------------
 
+# Every response names its request: the router's id when the router assigned one (the usage ledger's key),
+# else one the edge made up (refused before the router, router unreachable). A client's own x-request-id is
+# never used as ours; a well-formed one is echoed back as x-client-request-id.
+REQUEST_ID_HEADER = "x-request-id"
+CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def new_request_id() -> str:
+    """An edge-made id, shaped like the router's (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def client_request_id(value: str | None) -> str | None:
+    """The caller's x-request-id when it is 1-128 of ``[A-Za-z0-9._:-]``; None otherwise (dropped)."""
+    return value if value is not None and _CLIENT_REQUEST_ID.fullmatch(value) else None
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorReply:
     status: int
@@ -602,6 +621,18 @@ class ErrorReply:
     def sse(self) -> bytes:
         """The error as an SSE event, for a stream that had already started."""
         return b"data: " + dumps(self.body) + b"\n\n"
+
+    @property
+    def request_id(self) -> str | None:
+        rid = self.body.get("error", {}).get("request_id")
+        return rid if isinstance(rid, str) else None
+
+    def with_request_id(self, request_id: str) -> ErrorReply:
+        """The same error naming the request: ``error.request_id`` in the body (an extra member of OpenAI's
+        error object, which clients ignore) and the ``x-request-id`` header."""
+        error = {**self.body.get("error", {}), "request_id": request_id}
+        return ErrorReply(self.status, {**self.body, "error": error},
+                          {**self.headers, REQUEST_ID_HEADER: request_id})
 
 
 def error_body(status: int, message: str, type_: str, *, param: str | None = None, code: str | None = None,

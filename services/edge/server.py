@@ -22,11 +22,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     a malformed request line) gets an OpenAI-style JSON error like every other error, not plain text."""
 
     def send_400_response(self, msg: str) -> None:
+        request_id = fmt.new_request_id()
         body = fmt.dumps(fmt.error_body(400, "the HTTP request is malformed and could not be parsed",
-                                        "invalid_request_error", code="invalid_http_request").body)
+                                        "invalid_request_error", code="invalid_http_request")
+                         .with_request_id(request_id).body)
         head = [b"HTTP/1.1 400 Bad Request\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                 b"x-request-id: " + request_id.encode() + b"\r\n",
                  b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)
         self.transport.close()

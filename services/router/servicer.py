@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,6 +19,7 @@ from libs.chat import (
     validate_messages,
     validate_params,
 )
+from libs.clients import REQUEST_ID_METADATA
 from libs.deadlines import Deadline
 from libs.errors import Unavailable, Violations
 from libs.validation import check_labels, check_name
@@ -100,6 +102,15 @@ def summary_to_proto(s: Summary) -> router_pb2.GenerationSummary:
         degraded_detail=s.degraded_detail, route_reason=s.route_reason, attempts=s.attempts)
 
 
+def new_request_id(context: grpc.aio.ServicerContext) -> str:
+    """The id of a generation, chosen before anything can fail and set as the call's trailing metadata
+    (``x-request-id``) at once, so the caller gets it whatever the call ends with; the pipeline uses the same
+    id (``RequestState.request_id``), so it is the usage-ledger row's too. A caller's own id is never used."""
+    request_id = uuid.uuid4().hex
+    context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+    return request_id
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, gateway: Gateway, auth: KeyAuthenticator, *, default_timeout_s: float, max_timeout_s: float,
                  experiments: ExperimentStore | None = None, trusted_proxies: frozenset[str] = frozenset()):
@@ -124,10 +135,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def Generate(self, request: router_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
+        request_id = new_request_id(context)
         key, cmd, deadline = await self._begin(request.input, context)
         parts: list[str] = []
         summary: Summary | None = None
-        async for event in self._gateway.generate(key, cmd, deadline):
+        async for event in self._gateway.generate(key, cmd, deadline, request_id=request_id):
             if isinstance(event, Summary):
                 summary = event
             else:
@@ -137,8 +149,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def GenerateStream(self, request: router_pb2.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        request_id = new_request_id(context)
         key, cmd, deadline = await self._begin(request.input, context)
-        events = self._gateway.generate(key, cmd, deadline)
+        # Before the first event, so an HTTP edge can put the id in its response headers.
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+        events = self._gateway.generate(key, cmd, deadline, request_id=request_id)
         try:
             async for event in events:
                 if isinstance(event, Summary):

@@ -154,7 +154,7 @@ async def test_client_disconnect_mid_stream_settles_the_request_as_cancelled(mes
 
 
 async def test_provider_down_is_503(mesh: RunningMesh) -> None:
-    _, key = await _key(mesh)
+    key_id, key = await _key(mesh)
     mesh.provider(reset=True, mode="error_500")
     try:
         async with _client(mesh, key) as client:
@@ -166,3 +166,8 @@ async def test_provider_down_is_503(mesh: RunningMesh) -> None:
         await asyncio.sleep(1.2)  # the breaker's reset timeout in this mesh: later tests find it half-open
     assert isinstance(down.value, openai.InternalServerError)
     assert down.value.status_code == 503 and down.value.type == "server_error"
+    # Issue 24: the error names the request, and it is the id of the request's usage-ledger row.
+    rid = down.value.response.headers["x-request-id"]
+    assert down.value.response.json()["error"]["request_id"] == rid
+    row = await mesh.ledger_row_of_key(key_id)
+    assert row is not None and row["request_id"] == rid

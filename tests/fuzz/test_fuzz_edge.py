@@ -380,6 +380,7 @@ def check_response(case: Case, method: str, response: httpx.Response, *, valid: 
     if valid:
         assert status == 200, f"a valid request was refused: {where}"
     SEEN.statuses.setdefault(case.id, Counter())[status] += 1
+    assert response.headers.get("x-request-id"), f"no x-request-id: {where}"
     if status < 400:
         SEEN.reached[case.id] += 1
         if status == 200 and method == "POST" and response.headers.get("content-type", "").startswith(
@@ -396,7 +397,8 @@ def check_response(case: Case, method: str, response: httpx.Response, *, valid: 
         raise AssertionError(f"the error is not JSON: {where}") from None
     assert isinstance(body, dict) and set(body) == {"error"}, where
     error = body["error"]
-    assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, where
+    assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code", "request_id"}, where
+    assert error["request_id"] == response.headers.get("x-request-id") and error["request_id"], where
     assert isinstance(error["message"], str) and error["message"], where
     assert error["type"] in ("invalid_request_error", "authentication_error", "permission_error",
                              "rate_limit_error", "server_error"), where

@@ -4,7 +4,9 @@ and after the stream started, and client disconnects cancelling the router call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ from libs.errors import FieldViolation, InvalidArgument, QuotaExceeded, QuotaVio
 from libs.grpc_errors import ErrorMappingInterceptor
 from services.edge.server import uvicorn_config
 from services.edge.settings import EdgeSettings
+from tests.support import infra
 
 KEY = "tg-good"
 BODY_LIMIT = 64 * 1024
@@ -40,6 +43,8 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
     timeouts: list[float] = field(default_factory=list)
 
     def _check(self, request_input: router_pb2.GenerationInput, context: grpc.aio.ServicerContext) -> None:
+        # Like the real router: the request id in the trailers of every Generate/GenerateStream, errors included.
+        context.set_trailing_metadata((("x-request-id", "req-1"),))
         self.seen.append(request_input)
         remaining = context.time_remaining()
         if remaining is not None:
@@ -65,6 +70,7 @@ class FakeRouter(router_pb2_grpc.RouterServiceServicer):
     async def GenerateStream(self, request: router_pb2.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         self._check(request.input, context)
+        await context.send_initial_metadata((("x-request-id", "req-1"),))
         model = request.input.model
         try:
             for i in range(1000 if model == "slow" else 2):
@@ -94,6 +100,23 @@ class Running:
     health: health.aio.HealthServicer
 
 
+@contextlib.asynccontextmanager
+async def _edge_for(router_target: str) -> AsyncIterator[str]:
+    """The edge on uvicorn in front of ``router_target``; yields its base URL."""
+    settings = EdgeSettings(host="127.0.0.1", port=0, router_target=router_target, default_timeout_s=20,
+                            max_body_bytes=BODY_LIMIT, grace_period_s=1)
+    web = uvicorn.Server(uvicorn_config(settings))  # the production configuration (serve() keeps this loop)
+    task = asyncio.create_task(web.serve())
+    while not web.started:
+        await asyncio.sleep(0.01)
+    http_port = web.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{http_port}"
+    finally:
+        web.should_exit = True
+        await task
+
+
 @pytest.fixture
 async def edge() -> AsyncIterator[Running]:
     fake = FakeRouter()
@@ -104,18 +127,10 @@ async def edge() -> AsyncIterator[Running]:
     await health_servicer.set("tollgate.router.v1.RouterService", health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    settings = EdgeSettings(host="127.0.0.1", port=0, router_target=f"127.0.0.1:{port}", default_timeout_s=20,
-                            max_body_bytes=BODY_LIMIT, grace_period_s=1)
-    web = uvicorn.Server(uvicorn_config(settings))  # the production configuration (serve() keeps this loop)
-    task = asyncio.create_task(web.serve())
-    while not web.started:
-        await asyncio.sleep(0.01)
-    http_port = web.servers[0].sockets[0].getsockname()[1]
     try:
-        yield Running(f"http://127.0.0.1:{http_port}", fake, health_servicer)
+        async with _edge_for(f"127.0.0.1:{port}") as url:
+            yield Running(url, fake, health_servicer)
     finally:
-        web.should_exit = True
-        await task
         await server.stop(0)
 
 
@@ -212,7 +227,8 @@ async def test_models_and_health(edge: Running) -> None:
 def _openai_error(r: httpx.Response, status: int) -> dict[str, object]:
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code", "request_id"}, body
+    assert body["error"]["request_id"] == r.headers["x-request-id"] != ""  # issue 24: every error names its request
     error: dict[str, object] = body["error"]
     return error
 
@@ -330,3 +346,89 @@ async def test_the_readmes_curl_request_is_served(edge: Running, content_type: s
         r = await client.post("/v1/chat/completions", content=body,
                               headers={**AUTH, "content-type": content_type})
     assert r.status_code == 200, r.text
+
+
+# --- issue 24: every response names its request (x-request-id; error.request_id in error bodies) ----------
+
+_EDGE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _error_id(r: httpx.Response) -> str:
+    rid = r.json()["error"]["request_id"]
+    assert rid == r.headers["x-request-id"], (rid, r.headers)
+    return str(rid)
+
+
+async def test_the_routers_request_id_on_successes_and_errors(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        ok = await client.post("/v1/chat/completions", json=_chat(), headers=AUTH)
+        limited = await client.post("/v1/chat/completions", json=_chat("quota"), headers=AUTH)
+        invalid = await client.post("/v1/chat/completions", json=_chat(temperature=5), headers=AUTH)
+        unknown_key = await client.post("/v1/chat/completions", json=_chat(), headers={"authorization": "Bearer x"})
+        limited_stream = await client.post("/v1/chat/completions", json=_chat("quota", stream=True), headers=AUTH)
+        stream = await client.post("/v1/chat/completions", json=_chat(stream=True), headers=AUTH)
+        failed_mid = await client.post("/v1/chat/completions", json=_chat("fail-mid", stream=True), headers=AUTH)
+    assert ok.headers["x-request-id"] == "req-1"
+    for r, status in ((limited, 429), (invalid, 400), (unknown_key, 401), (limited_stream, 429)):
+        assert r.status_code == status and _error_id(r) == "req-1"  # the router's id, from its trailer
+    # A stream: the id (from the router's initial metadata) in the headers and in every chunk's id.
+    assert stream.headers["x-request-id"] == "req-1"
+    frames = [f.removeprefix("data: ") for f in stream.text.split("\n\n") if f and f != "data: [DONE]"]
+    assert {json.loads(f)["id"] for f in frames} == {"chatcmpl-req-1"}
+    # An error after the stream started: in the SSE error event.
+    assert failed_mid.headers["x-request-id"] == "req-1"
+    last = json.loads(failed_mid.text.split("\n\n")[-2].removeprefix("data: "))
+    assert last["error"]["request_id"] == "req-1" and last["error"]["code"] == "backend_error"
+
+
+async def test_errors_the_edge_answers_itself_get_an_edge_id(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        replies = [
+            await client.post("/v1/chat/completions", content=b"{nope", headers=AUTH),
+            await client.post("/v1/chat/completions", content=b"{}", headers={**AUTH, "content-type": "text/xml"}),
+            await client.post("/v1/chat/completions", content=b"x" * (BODY_LIMIT + 1), headers=AUTH),
+            await client.get("/v1/nothing-here"),
+            await client.get("/v1/chat/completions"),
+            await client.get("/v1/models/nope", headers=AUTH),
+        ]
+    ids = [_error_id(r) for r in replies]
+    assert [r.status_code for r in replies] == [400, 415, 413, 404, 405, 404]
+    assert all(_EDGE_ID.fullmatch(i) for i in ids) and len(set(ids)) == len(ids)
+
+
+async def test_successes_without_a_router_id_get_an_edge_id(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        replies = [await client.get("/v1/models", headers=AUTH), await client.get("/healthz")]
+    assert [r.status_code for r in replies] == [200, 200]
+    assert all(_EDGE_ID.fullmatch(r.headers["x-request-id"]) for r in replies)
+
+
+async def test_router_unreachable_is_503_with_an_edge_id() -> None:
+    async with _edge_for(f"127.0.0.1:{infra.free_port()}") as url, httpx.AsyncClient(base_url=url) as client:
+        unary = await client.post("/v1/chat/completions", json=_chat(), headers={**AUTH, "x-request-timeout": "2"})
+        stream = await client.post("/v1/chat/completions", json=_chat(stream=True),
+                                   headers={**AUTH, "x-request-timeout": "2"})
+    for r in (unary, stream):
+        assert r.status_code in (503, 504), r.text
+        assert _EDGE_ID.fullmatch(_error_id(r))
+
+
+async def test_a_client_request_id_is_echoed_apart_never_used_as_ours(edge: Running) -> None:
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        ok = await client.post("/v1/chat/completions", json=_chat(), headers={**AUTH, "x-request-id": "my-trace.1:a"})
+        refused = await client.post("/v1/chat/completions", content=b"{nope",
+                                    headers={**AUTH, "x-request-id": "my-trace.2"})
+        too_long = await client.get("/healthz", headers={"x-request-id": "a" * 129})
+        odd = await client.get("/healthz", headers={"x-request-id": "a b<script>"})
+    assert ok.headers["x-request-id"] == "req-1" and ok.headers["x-client-request-id"] == "my-trace.1:a"
+    assert refused.headers["x-client-request-id"] == "my-trace.2" and _error_id(refused) != "my-trace.2"
+    for r in (too_long, odd):
+        assert "x-client-request-id" not in r.headers and _EDGE_ID.fullmatch(r.headers["x-request-id"])
+    assert [dict(s.labels) for s in edge.router.seen] == [{}]  # not forwarded either
+
+
+async def test_a_malformed_http_request_names_its_request_too(edge: Running) -> None:
+    reply = await _raw(edge.url, b"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer \x01\r\n\r\n")
+    head, body = reply.split(b"\r\n\r\n", 1)
+    [rid] = [line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+    assert json.loads(body)["error"]["request_id"] == rid.decode() and _EDGE_ID.fullmatch(rid.decode())

@@ -5,6 +5,7 @@ and a flood of bad keys from one address is refused before the key lookup."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -170,3 +171,98 @@ async def test_a_flood_of_bad_keys_over_grpc_costs_at_most_n_lookups(router: Rou
     assert 0 < info.retry_delay.seconds <= 60
     # The verified key still works from that address.
     await router.stub.ListAvailableModels(router_pb2.ListAvailableModelsRequest(), metadata=router.md(), timeout=5)
+
+
+# --- issue 24: every Generate/GenerateStream answer carries its request id, errors included ---------------
+
+
+def _request_id(metadata: object) -> str | None:
+    ids = [value for name, value in metadata or () if name == "x-request-id"]  # type: ignore[attr-defined]
+    assert len(ids) <= 1, ids
+    return str(ids[0]) if ids else None
+
+
+async def test_a_success_carries_the_summarys_request_id_in_its_trailer(router: Router) -> None:
+    call = router.stub.Generate(router_pb2.GenerateRequest(input=_input()), metadata=router.md(), timeout=5)
+    reply = await call
+    assert _request_id(await call.trailing_metadata()) == reply.summary.request_id != ""
+    stream = router.stub.GenerateStream(router_pb2.GenerateStreamRequest(input=_input()), metadata=router.md(),
+                                        timeout=5)
+    events = [e async for e in stream]
+    rid = _request_id(await stream.initial_metadata())  # in time for an HTTP edge's response headers
+    assert rid == _request_id(await stream.trailing_metadata()) == events[-1].summary.request_id != ""
+    assert rid != reply.summary.request_id
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_errors_before_the_pipeline_carry_a_request_id_too(router: Router, streaming: bool) -> None:
+    cases = [(_input(), router.md("tg-unknown"), grpc.StatusCode.UNAUTHENTICATED),
+             (_input(model=""), router.md(), grpc.StatusCode.INVALID_ARGUMENT)]
+    for inp, md, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            if streaming:
+                async for _ in router.stub.GenerateStream(router_pb2.GenerateStreamRequest(input=inp), metadata=md,
+                                                          timeout=5):
+                    pass
+            else:
+                await router.stub.Generate(router_pb2.GenerateRequest(input=inp), metadata=md, timeout=5)
+        assert err.value.code() == code
+        rid = _request_id(err.value.trailing_metadata())
+        assert rid is not None and len(rid) == 32
+        assert status_proto_from_rpc(err.value) is not None  # the rich status survives beside it
+    assert router.ledger.events == []  # refused before the pipeline: no ledger row, but an id to quote
+
+
+@dataclass
+class SpiedRouter(Router):
+    seen_ids: list[str | None]  # the request_id the servicer passed to Gateway.generate, call by call
+
+
+@pytest.fixture
+async def failing_router() -> AsyncIterator[SpiedRouter]:
+    """Every backend down: the request reaches the pipeline, fails, and is written to the ledger."""
+    gateway, _, limiter, _, ledger = scripted_gateway({"t-primary": "down", "t-backup": "down"})
+    lookup = CountingLookup()
+    key = new_key()
+    lookup.rows[hash_key(key)] = KeyRecord("k1", Principal("org1", "team1", "k1"), "member", (), None, False)
+    servicer = RouterServicer(gateway, Authenticator(lookup, cache_ttl_s=60), default_timeout_s=5, max_timeout_s=10)
+    seen: list[str | None] = []
+    generate = gateway.generate
+
+    def spy(*args: object, request_id: str | None = None, **kw: object) -> object:
+        seen.append(request_id)
+        return generate(*args, request_id=request_id, **kw)  # type: ignore[arg-type]
+
+    gateway.generate = spy  # type: ignore[method-assign]
+    server = GrpcServer(RouterSettings(host="127.0.0.1", port=0), [ServiceBinding(
+        "tollgate.router.v1.RouterService",
+        lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s))])
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield SpiedRouter(router_pb2_grpc.RouterServiceStub(channel), key, limiter, ledger, lookup, seen)
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await gateway.aclose()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_failed_requests_trailer_id_is_its_ledger_rows(failing_router: SpiedRouter, streaming: bool) -> None:
+    r = failing_router
+    inp = _with(lambda i: i.fallback_models.append("backup"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        if streaming:
+            async for _ in r.stub.GenerateStream(router_pb2.GenerateStreamRequest(input=inp), metadata=r.md(),
+                                                 timeout=5):
+                pass
+        else:
+            await r.stub.Generate(router_pb2.GenerateRequest(input=inp), metadata=r.md(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    rid = _request_id(err.value.trailing_metadata())
+    assert rid is not None and r.seen_ids == [rid]
+    for _ in range(100):  # settlement runs after the response
+        if r.ledger.events:
+            break
+        await asyncio.sleep(0.02)
+    assert [e.request_id for e in r.ledger.events] == [rid]
