@@ -21,23 +21,17 @@ from libs.chat import (
 )
 from libs.clients import REQUEST_ID_METADATA
 from libs.deadlines import Deadline
-from libs.errors import Unavailable, Violations
+from libs.errors import Violations
 from libs.validation import check_labels, check_name
 from services.router import limits as lim
 from services.router import rpc
 from services.router import vocabulary as vocab
-from services.router.control.experiments import ExperimentStore
+from services.router.control.experiments import ExperimentStore, enabled_experiments
 from services.router.control.keys import KeyAuthenticator, KeyRecord
 from services.router.control.registry import AUTO_MODEL
 from services.router.ledger.events import GUARD_LABEL
 from services.router.pipeline.gateway import Gateway
 from services.router.pipeline.request import CachePolicy, GenerateCommand, RetrievalPolicy, Summary
-
-
-def _experiment_store(store: ExperimentStore | None) -> ExperimentStore:
-    if store is None:
-        raise Unavailable("A/B experiments are not enabled on this router", reason="EXPERIMENTS_DISABLED")
-    return store
 
 
 def _check_input(inp: router_pb2.GenerationInput) -> None:
@@ -171,7 +165,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         v.check(request.score in vocab.FEEDBACK_SCORE, "score", "must be FEEDBACK_SCORE_UP or FEEDBACK_SCORE_DOWN")
         v.raise_if_any()
         # Re-submitting replaces the score (last one wins); another org's request is NOT_FOUND.
-        await _experiment_store(self._experiments).record_feedback(key.principal, request.request_id,
+        await enabled_experiments(self._experiments).record_feedback(key.principal, request.request_id,
                                                                    vocab.FEEDBACK_SCORE[request.score])
         return router_pb2.SubmitFeedbackResponse()
 

@@ -8,23 +8,23 @@ import grpc
 from tollgate.common.v1 import common_pb2
 from tollgate.router.v1 import admin_pb2, admin_pb2_grpc
 
-from libs.errors import Unavailable, Violations
+from libs.errors import Violations
 from libs.validation import check_name
 from services.router import limits as lim
 from services.router import rpc
 from services.router import vocabulary as vocab
 from services.router.control.dead_letter_rpc import DeadLetterAdmin
 from services.router.control.experiment_stats import DEFAULT_ALPHA
-from services.router.control.experiments import Experiment, ExperimentBook, ExperimentStore, Variant
+from services.router.control.experiments import (
+    Experiment,
+    ExperimentBook,
+    ExperimentStore,
+    Variant,
+    enabled_experiments,
+)
 from services.router.control.keys import HASH_ALGORITHM, HASH_RATIONALE, KeyAuthenticator, require_admin
 from services.router.control.plane import ControlPlane
 from services.router.control.registry import AUTO_MODEL, Registry
-
-
-def _experiment_store(store: ExperimentStore | None) -> ExperimentStore:
-    if store is None:
-        raise Unavailable("A/B experiments are not enabled on this router", reason="EXPERIMENTS_DISABLED")
-    return store
 
 
 def experiment_to_proto(e: Experiment) -> admin_pb2.ExperimentInfo:
@@ -273,7 +273,7 @@ class AdminServicer(DeadLetterAdmin, admin_pb2_grpc.AdminServiceServicer):
                                context: Any) -> admin_pb2.CreateExperimentResponse:
         actor = await self._admin(context)
         # Validated by the domain (experiments.validate): names, models, weights, all violations at once.
-        created = await _experiment_store(self._experiments).create(
+        created = await enabled_experiments(self._experiments).create(
             actor, request.name, request.model, [Variant(v.name, v.model, v.weight) for v in request.variants])
         if self._experiment_book is not None:  # this router at once; the others within their refresh period
             await self._experiment_book.load()
@@ -285,7 +285,7 @@ class AdminServicer(DeadLetterAdmin, admin_pb2_grpc.AdminServiceServicer):
         v = Violations()
         check_name(v, request.name, "name", max_chars=lim.MAX_EXPERIMENT_NAME_CHARS, required=True)
         v.raise_if_any()
-        ended = await _experiment_store(self._experiments).end(actor, request.name)
+        ended = await enabled_experiments(self._experiments).end(actor, request.name)
         if self._experiment_book is not None:
             await self._experiment_book.load()
         return admin_pb2.EndExperimentResponse(experiment=experiment_to_proto(ended))
@@ -293,7 +293,7 @@ class AdminServicer(DeadLetterAdmin, admin_pb2_grpc.AdminServiceServicer):
     async def ListExperiments(self, request: admin_pb2.ListExperimentsRequest,
                               context: Any) -> admin_pb2.ListExperimentsResponse:
         await self._admin(context)
-        experiments = await _experiment_store(self._experiments).list_experiments(
+        experiments = await enabled_experiments(self._experiments).list_experiments(
             active_only=request.active_only)
         return admin_pb2.ListExperimentsResponse(experiments=[experiment_to_proto(e) for e in experiments])
 
@@ -304,7 +304,7 @@ class AdminServicer(DeadLetterAdmin, admin_pb2_grpc.AdminServiceServicer):
         check_name(v, request.name, "name", max_chars=lim.MAX_EXPERIMENT_NAME_CHARS, required=True)
         v.check(request.alpha == 0 or 0 < request.alpha < 1, "alpha", "must be between 0 and 1 (0: 0.05)")
         v.raise_if_any()
-        report = await _experiment_store(self._experiments).report(request.name, request.alpha or DEFAULT_ALPHA)
+        report = await enabled_experiments(self._experiments).report(request.name, request.alpha or DEFAULT_ALPHA)
         return admin_pb2.GetExperimentReportResponse(
             experiment=experiment_to_proto(report.experiment), alpha=report.alpha,
             corrected_alpha=report.corrected_alpha,

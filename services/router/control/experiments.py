@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from libs.chat import Principal
-from libs.errors import AlreadyExists, NotFound, Violations
+from libs.errors import AlreadyExists, NotFound, Unavailable, Violations
 from libs.validation import check_name
 from services.router import limits
 from services.router.control.experiment_stats import (
@@ -303,3 +303,9 @@ class ExperimentStore:
         experiment = await self.get(name)
         return build_report(experiment, await self.variant_stats(experiment), alpha)
 
+
+def enabled_experiments(store: ExperimentStore | None) -> ExperimentStore:
+    """The experiment store, or UNAVAILABLE when this router runs without experiments."""
+    if store is None:
+        raise Unavailable("A/B experiments are not enabled on this router", reason="EXPERIMENTS_DISABLED")
+    return store
