@@ -23,7 +23,7 @@ def default_models(s: LauncherSettings) -> list[dict[str, object]]:
     kind = "vllm" if s.inference_engine == "vllm" else "http"
     inp, out, cached = _PRICES[kind]
     return [{"name": s.served_model_name, "provider": s.inference_engine,
-             "inference_target": f"{s.host}:{s.inference_port}",
+             "inference_target": ",".join(s.inference_targets),
              "context_window": 2048 if kind == "vllm" else 8192, "cost_tier": "cheap",
              "input_per_mtok": inp, "output_per_mtok": out, "cached_input_per_mtok": cached}]
 
@@ -58,7 +58,7 @@ def cmd_up(_: argparse.Namespace) -> int:
         print(f"\ntollgate is serving. Router: {mesh.router_address}")
         print(f"  services : router {settings.router_port}, cache {settings.cache_port}, "
               f"ratelimit {settings.ratelimit_port}, retrieval {settings.retrieval_port}, "
-              f"inference {settings.inference_port}, edge {settings.edge_port}")
+              f"inference {', '.join(map(str, settings.inference_ports))}, edge {settings.edge_port}")
         print(f"  edge     : {mesh.edge_url}/v1  (OpenAI-compatible HTTP)")
         for name, private in (("redis", mesh.redis), ("postgres", mesh.postgres)):
             where = f"private, under {settings.data_dir / name}" if private else "external"

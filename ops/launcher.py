@@ -59,6 +59,9 @@ class LauncherSettings(BaseSettings):
     ratelimit_port: int = Field(50053, validation_alias=AliasChoices("TOLLGATE_RATELIMIT_PORT"))
     retrieval_port: int = Field(50054, validation_alias=AliasChoices("TOLLGATE_RETRIEVAL_PORT"))
     inference_port: int = Field(50055, validation_alias=AliasChoices("TOLLGATE_INFERENCE_PORT"))
+    # Inference processes serving the model, on inference_port, inference_port + 1, ...; the router spreads
+    # requests over them and fails over between them (the shape of a deployment: one replica is a single point).
+    inference_replicas: int = Field(1, ge=1, le=16, validation_alias=AliasChoices("TOLLGATE_INFERENCE_REPLICAS"))
     # The OpenAI-compatible HTTP edge in front of the router.
     edge_port: int = Field(8080, validation_alias=AliasChoices("TOLLGATE_EDGE_PORT"))
     # What the inference service runs: the bundled model on vLLM in-process (default), or an HTTP provider.
@@ -72,6 +75,15 @@ class LauncherSettings(BaseSettings):
     start_timeout_s: float = 60.0
     # Loading a model (vLLM starts two worker processes) takes far longer than starting a service.
     inference_start_timeout_s: float = 300.0
+
+    @property
+    def inference_ports(self) -> list[int]:
+        return [self.inference_port + i for i in range(self.inference_replicas)]
+
+    @property
+    def inference_targets(self) -> list[str]:
+        """The inference replicas' addresses, as the router's model registry lists them."""
+        return [f"{self.host}:{port}" for port in self.inference_ports]
 
     @property
     def served_model_name(self) -> str:
@@ -470,8 +482,16 @@ class Mesh:
     def _spawn_service(self, name: str, port: int, env: Mapping[str, str],
                        restart_env: Mapping[str, str] | None = None) -> Child:
         address = f"{self.settings.host}:{port}"
-        return self._spawn(name, ["-m", f"services.{name}"], env, probe=lambda: grpc_serving(address),
+        module = name.split("-")[0]  # "inference-2" runs services.inference
+        return self._spawn(name, ["-m", f"services.{module}"], env, probe=lambda: grpc_serving(address),
                            restart_env=restart_env)
+
+    def child(self, name: str) -> Child:
+        """The child called ``name`` (``router``, ``inference``, ``inference-2``, ``fake-provider``, ...)."""
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise KeyError(name)
 
     def supervised(self) -> list[Supervised]:
         """Everything a ``Supervisor`` should keep running: the children, then private Redis and PostgreSQL."""
@@ -485,7 +505,7 @@ class Mesh:
         schema, org, team, these models and prices, and an admin key (``take_bootstrap_key``)."""
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        for port in (s.router_port, s.cache_port, s.ratelimit_port, s.retrieval_port, s.inference_port,
+        for port in (s.router_port, s.cache_port, s.ratelimit_port, s.retrieval_port, *s.inference_ports,
                      s.edge_port):
             if port_in_use(s.host, port):
                 raise RuntimeError(f"port {port} is already in use (another tollgate running?); "
@@ -501,8 +521,7 @@ class Mesh:
         self.env = {"TOLLGATE_REDIS_URL": redis_url, "TOLLGATE_DATABASE_URL": database_url,
                     "TOLLGATE_DATA_DIR": str(s.data_dir.resolve()), "PYTHONUNBUFFERED": "1"}
         # The inference service loads a model for tens of seconds: start it first, wait for it last.
-        inference_env = {**self.env, "TOLLGATE_INFERENCE_PORT": str(s.inference_port),
-                         "TOLLGATE_INFERENCE_ENGINE": s.inference_engine,
+        inference_env = {**self.env, "TOLLGATE_INFERENCE_ENGINE": s.inference_engine,
                          "TOLLGATE_INFERENCE_MODELS": s.inference_models or s.served_model_name}
         if s.inference_engine != "vllm":
             provider_url = s.provider_base_url
@@ -513,12 +532,15 @@ class Mesh:
                 provider_url = f"http://127.0.0.1:{s.fake_provider_port}/v1"
                 _wait_http(s.fake_provider_port, s.start_timeout_s, fake.proc)
             inference_env["TOLLGATE_INFERENCE_PROVIDER_BASE_URL"] = provider_url
-        inference = self._spawn_service("inference", s.inference_port, inference_env)
+        replicas = [self._spawn_service(inference_replica_name(i), port,
+                                        {**inference_env, "TOLLGATE_INFERENCE_PORT": str(port)})
+                    for i, port in enumerate(s.inference_ports)]
         for name, port in {"ratelimit": s.ratelimit_port, "cache": s.cache_port,
                            "retrieval": s.retrieval_port}.items():
             child = self._spawn_service(name, port, {**self.env, f"TOLLGATE_{name.upper()}_PORT": str(port)})
             wait_serving(f"{s.host}:{port}", s.start_timeout_s, child.proc)
-        wait_serving(f"{s.host}:{s.inference_port}", s.inference_start_timeout_s, inference.proc)
+        for replica, port in zip(replicas, s.inference_ports, strict=True):
+            wait_serving(f"{s.host}:{port}", s.inference_start_timeout_s, replica.proc)
         router_env = {**self.env, "TOLLGATE_ROUTER_PORT": str(s.router_port),
                       "TOLLGATE_ROUTER_CACHE_TARGET": f"{s.host}:{s.cache_port}",
                       "TOLLGATE_ROUTER_RATELIMIT_TARGET": f"{s.host}:{s.ratelimit_port}",
@@ -557,6 +579,11 @@ class Mesh:
             finally:
                 if self.redis:
                     self.redis.stop()
+
+
+def inference_replica_name(index: int) -> str:
+    """``inference`` for the first replica (its log stays ``inference.log``), ``inference-2`` and on after it."""
+    return "inference" if index == 0 else f"inference-{index + 1}"
 
 
 async def _create_database_if_missing(admin_url: str, name: str) -> None:
