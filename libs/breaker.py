@@ -173,6 +173,14 @@ class Breaker:
             log.warning("breaker %s: %d consecutive timeouts", self.name, self._timeouts)
             self._cb.open()
 
+    def probe_now(self) -> None:
+        """A health signal (the replica answered its load poll) says the downstream is back: an open breaker
+        lets the next call through as its half-open probe now, instead of after the rest of
+        ``reset_timeout_s``. A probe that fails opens it again, as any probe does."""
+        if self.state == pybreaker.STATE_OPEN:
+            log.info("breaker %s: the downstream answers its health poll; next call probes it", self.name)
+            self._cb.half_open()
+
     def record_fault(self, exc: Unavailable) -> None:
         """Count a backend fault the caller detected itself (an inference stream that stalled and was
         cancelled by the request path): the same rules as a fault raised inside :meth:`guard`. Nothing is

@@ -28,8 +28,10 @@ class EdgeSettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     # After SIGTERM: stop accepting, let in-flight requests finish for this long, then close.
     grace_period_s: int = Field(10, gt=0, le=300)
-    # Idle HTTP keep-alive connections are closed after this.
-    keep_alive_s: int = Field(5, gt=0)
+    # Idle HTTP keep-alive connections are closed after this. Longer than clients keep theirs (httpx, under
+    # the openai SDK, drops idle ones after 5 s): with equal timeouts a client reuses a connection the edge is
+    # closing at that moment, and the request fails (seen as a ReadError in the soak run).
+    keep_alive_s: int = Field(75, gt=0)
     # GET /healthz asks the router's health service with this timeout.
     health_timeout_s: float = Field(1.0, gt=0)
     log_level: str = shared_env("log_level", "INFO")  # type: ignore[assignment]

@@ -183,6 +183,8 @@ class GrpcInferenceClient:
                 load = await replica.stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=max(self._poll_s, 0.1))
                 replica.polled_load = load.running_requests + load.waiting_requests
                 replica.waiting, replica.max_waiting = load.waiting_requests, load.max_waiting_requests
+                # It answers again (a restarted replica): probe it now, not after the breaker's reset timeout.
+                replica.ds.breaker.probe_now()
             except grpc.aio.AioRpcError:
                 pass  # unreachable: its breaker decides whether it gets traffic
             await asyncio.sleep(self._poll_s)

@@ -97,6 +97,8 @@ class Timing:
     grpc_clients: int = 1
     limited_rate: float = 2.0
     repeat_share: float = 0.2
+    # Share of HTTP requests that are malformed (a 400 is their right answer; they count neither way).
+    bad_share: float = 0.0
     request_timeout_s: float = 30.0
 
 
@@ -145,7 +147,7 @@ class FaultMesh:
     failure: BaseException | None = None
 
     @classmethod
-    def start(cls, data_dir: Path, replicas: int = 2) -> FaultMesh:
+    def start(cls, data_dir: Path, replicas: int = 2, extra_env: dict[str, str] | None = None) -> FaultMesh:
         ports = _free_ports(5 + 1)  # router, cache, ratelimit, retrieval, edge, fake provider
         inference_port = _free_port_run(replicas)
         settings = LauncherSettings(data_dir=data_dir, redis_url="", database_url="").model_copy(update={
@@ -153,8 +155,9 @@ class FaultMesh:
             "edge_port": ports[4], "fake_provider_port": ports[5], "inference_port": inference_port,
             "inference_replicas": replicas, "inference_engine": "openai", "inference_models": MODEL,
             "provider_base_url": ""})
-        saved = {k: os.environ.get(k) for k in SERVICE_ENV}
-        os.environ.update(SERVICE_ENV)
+        env = {**SERVICE_ENV, **(extra_env or {})}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             # Started from the calling (long-lived) thread: a child dies with the thread that spawned it.
             mesh, admin_key = start_mesh(settings)
@@ -261,6 +264,7 @@ class Sample:
     via: str  # "http" | "grpc"
     limited_key: bool = False
     retry_after: bool = False
+    bad: bool = False
 
     @property
     def served(self) -> bool:
@@ -319,14 +323,29 @@ class Load:
         if tasks:
             await asyncio.gather(*tasks)
 
+    def _bad_body(self, body: dict[str, object]) -> dict[str, object]:
+        """One of the malformed requests clients really send."""
+        kind = self._rng.randrange(4)
+        if kind == 0:
+            return {**body, "temperature": 7}
+        if kind == 1:
+            return {**body, "messages": []}
+        if kind == 2:
+            return {**body, "max_tokens": -1}
+        return {"model": MODEL}
+
     async def _http_client(self, key: str, rate: float, phase: float, limited: bool = False) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=8)
         async with httpx.AsyncClient(base_url=f"{self._fm.mesh.edge_url}/v1", limits=limits, trust_env=False,
                                      headers={"authorization": f"Bearer {key}"},
                                      timeout=self._t.request_timeout_s) as client:
             async def send() -> None:
-                body = {"model": MODEL, "messages": [{"role": "user", "content": self._prompt(unique=limited)}],
-                        "max_tokens": 16, "temperature": 0}
+                body: dict[str, object] = {
+                    "model": MODEL, "messages": [{"role": "user", "content": self._prompt(unique=limited)}],
+                    "max_tokens": 16, "temperature": 0}
+                bad = not limited and self._rng.random() < self._t.bad_share
+                if bad:
+                    body = self._bad_body(body)
                 start = self.now()
                 try:
                     resp = await client.post("/chat/completions", json=body)
@@ -336,7 +355,7 @@ class Load:
                     outcome, rid, retry_after = "timeout", "", False
                 except httpx.HTTPError as exc:
                     outcome, rid, retry_after = f"error:{type(exc).__name__}", "", False
-                self.samples.append(Sample(start, self.now(), outcome, rid, "http", limited, retry_after))
+                self.samples.append(Sample(start, self.now(), outcome, rid, "http", limited, retry_after, bad))
 
             await self._paced(rate, phase, send)
 
@@ -347,7 +366,8 @@ class Load:
 
             async def send() -> None:
                 req = router_pb2.GenerateRequest(input=router_pb2.GenerationInput(
-                    model=MODEL, messages=[common_pb2.ChatMessage(role=common_pb2.MESSAGE_ROLE_USER, content=self._prompt())],
+                    model=MODEL,
+                    messages=[common_pb2.ChatMessage(role=common_pb2.MESSAGE_ROLE_USER, content=self._prompt())],
                     params=common_pb2.GenerationParams(max_output_tokens=16, temperature=0),
                     retrieval=router_pb2.RetrievalOptions(enabled=True, top_k=3)))
                 start = self.now()
@@ -382,7 +402,7 @@ class RowResult:
     mesh_failure: str = ""
 
     def _load(self) -> list[Sample]:
-        return [s for s in self.samples if not s.limited_key]
+        return [s for s in self.samples if not s.limited_key and not s.bad]
 
     @property
     def requests(self) -> int:
@@ -425,6 +445,14 @@ class RowResult:
     def limited_sent(self) -> int:
         return sum(1 for s in self.samples if s.limited_key)
 
+    @property
+    def limited_bound(self) -> int:
+        """What the key's limit allows over the row: a token bucket of ``limit`` refilling ``limit`` per minute
+        admits at most ``limit + limit * T / 60`` in T seconds (the same with or without the fault)."""
+        starts = [s.start for s in self.samples if s.limited_key]
+        span = max(starts) - min(starts) if starts else 0.0
+        return self.limit + int(self.limit * span / 60.0)
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     if not values:
@@ -454,8 +482,9 @@ def verdict(row: RowResult, baseline_p99_s: float, bar: Bar = Bar()) -> list[str
     p99 = percentile(row.during, 0.99)
     if p99 >= bar.p99_during_s:
         problems.append(f"p99 while faulted {p99 * 1000:.0f} ms >= {bar.p99_during_s * 1000:.0f} ms")
-    if row.limited_served > row.limit:
-        problems.append(f"limited key: {row.limited_served} served over a limit of {row.limit}/min")
+    if row.limited_served > row.limited_bound:
+        problems.append(f"limited key: {row.limited_served} served, over the {row.limited_bound} its limit of "
+                        f"{row.limit}/min allows")
     if row.ledger_missing:
         problems.append(f"{len(row.ledger_missing)} served requests missing from the ledger")
     normal = max(bar.normal_p99_floor_s, bar.normal_p99_factor * baseline_p99_s)
@@ -505,7 +534,8 @@ async def _inject(fm: FaultMesh, fault: Fault, timing: Timing) -> tuple[float, f
     return start, time.monotonic()
 
 
-async def ledger_missing(database_url: str, request_ids: Sequence[str], timeout_s: float = 30.0) -> tuple[list[str], int]:
+async def ledger_missing(database_url: str, request_ids: Sequence[str],
+                         timeout_s: float = 30.0) -> tuple[list[str], int]:
     """The served request ids not in ``usage_ledger`` once the writer caught up (waits up to ``timeout_s``),
     and how many of them are there."""
     want = sorted(set(request_ids))
@@ -560,7 +590,9 @@ def table(rows: Sequence[RowResult], baseline_p99_s: float) -> str:
         lines.append(
             f"| {r.fault.name} | {r.served_share:.2%} ({r.served}/{r.requests}) | "
             f"{percentile(during, 0.5) * 1000:.0f} / {percentile(during, 0.99) * 1000:.0f} ms | "
-            f"{percentile(after, 0.99) * 1000:.0f} ms | {r.limited_served} of {r.limited_sent} | {ledger} | "
+            f"{percentile(after, 0.99) * 1000:.0f} ms | "
+            f"{r.limited_served} of {r.limited_sent} (bound {r.limited_bound}) | "
+            f"{ledger} | "
             f"{'pass' if not problems else 'FAIL: ' + '; '.join(problems)} |")
     return "\n".join(lines)
 
@@ -576,13 +608,14 @@ def baseline_p99(rows: Sequence[RowResult]) -> float:
 def describe(row: RowResult) -> str:
     lat = [s.latency for s in row.samples if not s.limited_key]
     return (f"{row.fault.name}: {row.requests} requests, served {row.served_share:.3%}, "
-            f"fault {row.fault_start:.1f}-{row.fault_end:.1f} s, median {statistics.median(lat) * 1000 if lat else 0:.0f} ms,"
+            f"fault {row.fault_start:.1f}-{row.fault_end:.1f} s, "
+            f"median {statistics.median(lat) * 1000 if lat else 0:.0f} ms,"
             f" failures {row.failures}, restarts {row.restarts}")
 
 
 @contextlib.contextmanager
-def fault_mesh(data_dir: Path, replicas: int = 2) -> Iterator[FaultMesh]:
-    fm = FaultMesh.start(data_dir, replicas)
+def fault_mesh(data_dir: Path, replicas: int = 2, extra_env: dict[str, str] | None = None) -> Iterator[FaultMesh]:
+    fm = FaultMesh.start(data_dir, replicas, extra_env)
     try:
         yield fm
     finally:
@@ -603,8 +636,9 @@ def verdict_single_replica(row: RowResult, bar: Bar = Bar()) -> list[str]:
     slow_refusals = [s for s in row.samples if not s.served and s.latency >= bar.p99_during_s]
     if slow_refusals:
         problems.append(f"{len(slow_refusals)} refusals took {bar.p99_during_s:g} s or more")
-    if row.limited_served > row.limit:
-        problems.append(f"limited key: {row.limited_served} served over a limit of {row.limit}/min")
+    if row.limited_served > row.limited_bound:
+        problems.append(f"limited key: {row.limited_served} served, over the {row.limited_bound} its limit of "
+                        f"{row.limit}/min allows")
     if row.ledger_missing:
         problems.append(f"{len(row.ledger_missing)} served requests missing from the ledger")
     return problems

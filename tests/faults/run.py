@@ -12,8 +12,21 @@ import tempfile
 from pathlib import Path
 
 from tests.bench.run import write_section
-from tests.faults.harness import (FAULTS, FULL, SHORT, SINGLE_REPLICA_FAULT, RowResult, Timing, baseline_p99,
-                                  describe, fault_mesh, run_row, table, verdict, verdict_single_replica)
+from tests.faults.harness import (
+    FAULTS,
+    FULL,
+    SHORT,
+    SINGLE_REPLICA_FAULT,
+    RowResult,
+    Timing,
+    baseline_p99,
+    describe,
+    fault_mesh,
+    run_row,
+    table,
+    verdict,
+    verdict_single_replica,
+)
 
 MARK = "faults"
 
@@ -28,7 +41,7 @@ BEFORE = """| fault | served | what happened |
 | SIGSTOP cache 20 s | 100 % | 0.5 s per request for 9.6 s until the breaker opens |
 | SIGSTOP inference 20 s | 100 % | requests in flight hang the full 20 s; no timeout, failover or shedding; the router logs nothing |
 | SIGKILL Redis, restarted after 10 s | 100 % | a limited key got 33 of 121 through, against 19 without the fault |
-| PostgreSQL fast restart | 100 % | fine; asyncpg pool tracebacks logged as warnings |"""
+| PostgreSQL fast restart | 100 % | fine; asyncpg pool tracebacks logged as warnings |"""  # noqa: E501
 
 
 def _rows(data_dir: Path, timing: Timing, names: list[str]) -> tuple[list[RowResult], list[RowResult]]:
@@ -50,6 +63,14 @@ def _rows(data_dir: Path, timing: Timing, names: list[str]) -> tuple[list[RowRes
     return rows, single
 
 
+def _single_line(r: RowResult) -> str:
+    refused = [s for s in r.samples if not s.served and not s.limited_key]
+    slowest = max((s.latency for s in refused), default=0.0)
+    problems = verdict_single_replica(r)
+    return (f"- **{r.fault.name}**: {r.served}/{r.requests} served, {len(refused)} refused (slowest refusal "
+            f"{slowest * 1000:.0f} ms); {'pass' if not problems else 'FAIL: ' + '; '.join(problems)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--short", action="store_true", help="the shortened timing of `make test`")
@@ -62,11 +83,7 @@ def main() -> None:
         rows, single = _rows(Path(tmp), timing, names)
     base = baseline_p99(rows)
     after = table(rows, base)
-    single_lines = [f"- **{r.fault.name}**: {r.served}/{r.requests} served, "
-                    f"{sum(1 for s in r.samples if not s.served and not s.limited_key)} refused "
-                    f"(slowest refusal {max((s.latency for s in r.samples if not s.served), default=0) * 1000:.0f} ms); "
-                    f"{'pass' if not verdict_single_replica(r) else 'FAIL: ' + '; '.join(verdict_single_replica(r))}"
-                    for r in single]
+    single_lines = [_single_line(r) for r in single]
     command = "make faults" if not args.short else "python -m tests.faults.run --short"
     section = "\n".join([
         "## Faults: one part killed or hung under load (issue 24)", "",

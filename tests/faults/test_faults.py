@@ -10,8 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import (FAULTS, SHORT, SINGLE_REPLICA_FAULT, Fault, FaultMesh, RowResult, baseline_p99,
-                                  describe, fault_mesh, run_row, verdict, verdict_single_replica)
+from tests.faults.harness import (
+    FAULTS,
+    SHORT,
+    SINGLE_REPLICA_FAULT,
+    Fault,
+    FaultMesh,
+    RowResult,
+    baseline_p99,
+    describe,
+    fault_mesh,
+    run_row,
+    verdict,
+    verdict_single_replica,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(180)]
 

@@ -97,7 +97,7 @@ class KeyAuthenticator(Protocol):
 class RevocationListener(Protocol):
     """What the revocation bus tells a router's key cache."""
 
-    def forget(self, key_hash: bytes | None = None) -> None: ...
+    def expire_all(self) -> None: ...
 
     def revoked(self, key_id: str) -> None: ...
 
@@ -134,7 +134,7 @@ class RevocationBus:
             pubsub: Any = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
-                auth.forget()
+                auth.expire_all()  # what was revoked while unsubscribed is re-read on next use
                 self.subscriptions += 1
                 self.subscribed.set()
                 while True:

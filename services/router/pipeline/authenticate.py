@@ -132,6 +132,16 @@ class Authenticator:
             self._known.pop(key_hash, None)
             self._unknown.pop(key_hash, None)
 
+    def expire_all(self) -> None:
+        """Revocations may have been missed (the revocation channel was just (re)subscribed): every cached key
+        is re-read from PostgreSQL on its next use, in the background as when its fresh period ends. Unlike
+        ``forget()`` this keeps the records, so a Redis restart while PostgreSQL is down costs no request its
+        key; a revocation missed meanwhile takes effect once the re-read answers (one request later)."""
+        self._unknown.clear()
+        stale_at = self._clock() - self._ttl
+        for key_hash, (cached_at, record) in list(self._known.items()):
+            self._known[key_hash] = (min(cached_at, stale_at), record)
+
     def revoked(self, key_id: str) -> None:
         """A key was revoked (heard on the revocation channel): reject it from now on, whatever is cached."""
         self._revoked[key_id] = self._clock()

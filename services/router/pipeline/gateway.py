@@ -41,12 +41,16 @@ from services.router.pipeline.retrieve import RetrieveStage
 from services.router.pipeline.route import RouteStage
 from services.router.pipeline.shedding import LoadShedder, effective_tier
 
+# Retry-After of "no backend can serve this model": a killed replica is restarted within about a second, and
+# its breaker lets a probe through as soon as it answers its load poll.
+NO_BACKEND_RETRY_AFTER_S = 1.0
+
 
 class Gateway:
     def __init__(self, *, registry: Registry, cache: CacheClient, ratelimit: RateLimitClient,
                  inference: InferenceClient, usage: UsageSink, default_max_output_tokens: int,
                  side_call_timeout_s: float, retrieval: RetrievalClient | None = None,
-                 retrieval_timeout_s: float = 2.0, retry: RetryPolicy = RetryPolicy(),
+                 retrieval_timeout_s: float = 0.75, retry: RetryPolicy = RetryPolicy(),
                  degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
                  auto_router: AutoRouter | None = None, experiments: ExperimentAssigner | None = None,
                  local_limits: LocalLimiter | None = None):
@@ -150,7 +154,8 @@ class Gateway:
                else await self._lookup.lookup(state, ns, model, deadline, allow_stale=True))
         if hit is None:
             raise Unavailable(f"no backend can serve {model.name!r} right now and no cached answer "
-                              f"exists ({state.attempts} attempts); retry shortly", reason="NO_BACKEND")
+                              f"exists ({state.attempts} attempts); retry shortly", reason="NO_BACKEND",
+                              retry_after_s=NO_BACKEND_RETRY_AFTER_S)
         self._lookup.serve_hit(state, hit)
         state.degrade("no_backend", "every backend failed: served from cache")
         return hit

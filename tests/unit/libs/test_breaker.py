@@ -155,3 +155,24 @@ async def test_a_cancelled_probe_does_not_close_it() -> None:
     time.sleep(0.06)
     await _fail(breaker, asyncio.CancelledError())  # the probe: the caller gave up on it
     assert breaker.is_open
+
+
+async def test_probe_now_lets_the_next_call_probe_before_the_reset_timeout() -> None:
+    breaker = Breaker("replica", fail_max=1, reset_timeout_s=60.0)
+    await _fail(breaker, Unavailable("down", reason="UNAVAILABLE"))
+    assert breaker.is_open
+    breaker.probe_now()  # its health poll answered
+    assert not breaker.is_open and breaker.state == "half-open"
+    with breaker.guard():  # the probe succeeds: closed again
+        await asyncio.sleep(0)
+    assert breaker.state == "closed"
+    await _fail(breaker, Unavailable("down", reason="UNAVAILABLE"))
+    breaker.probe_now()
+    await _fail(breaker, Unavailable("still down", reason="UNAVAILABLE"))  # a failed probe reopens it
+    assert breaker.is_open
+
+
+def test_probe_now_leaves_a_closed_breaker_alone() -> None:
+    breaker = Breaker("replica")
+    breaker.probe_now()
+    assert breaker.state == "closed"

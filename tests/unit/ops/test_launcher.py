@@ -181,3 +181,25 @@ def test_a_restart_that_raises_counts_as_a_failed_start(tmp_path: Path) -> None:
             sup.tick()
             clock.now += 30
     assert any("redis failed to start (OSError); restarting in" in line for line in lines)
+
+
+def test_inference_replicas_take_consecutive_ports_and_the_model_lists_them_all() -> None:
+    from ops.cli import default_models
+    from ops.launcher import LauncherSettings, inference_replica_name
+
+    s = LauncherSettings(inference_port=6000, inference_replicas=3, inference_engine="openai",
+                         inference_models="m")
+    assert s.inference_ports == [6000, 6001, 6002]
+    assert default_models(s)[0]["inference_target"] == "127.0.0.1:6000,127.0.0.1:6001,127.0.0.1:6002"
+    assert [inference_replica_name(i) for i in range(3)] == ["inference", "inference-2", "inference-3"]
+    one = LauncherSettings(inference_port=6000)
+    assert one.inference_ports == [6000] and default_models(one)[0]["inference_target"] == "127.0.0.1:6000"
+
+
+def test_inference_replicas_are_bounded() -> None:
+    from pydantic import ValidationError
+
+    from ops.launcher import LauncherSettings
+
+    with pytest.raises(ValidationError):
+        LauncherSettings(inference_replicas=0)

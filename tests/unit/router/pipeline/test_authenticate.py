@@ -161,3 +161,21 @@ async def test_the_default_lookup_timeout_is_half_a_second() -> None:
     with pytest.raises(Unavailable):
         await auth.authenticate(f"Bearer {new_key()}")
     assert 0.45 < time.monotonic() - t0 < 0.8
+
+
+async def test_expire_all_keeps_keys_served_and_rereads_them_in_the_background() -> None:
+    # The revocation channel was resubscribed (Redis restarted) while PostgreSQL hangs: no key is lost.
+    lookup, clock, auth, key = _setup()
+    await auth.authenticate(f"Bearer {key}")
+    assert lookup.calls == 1
+    lookup.hang()
+    auth.expire_all()  # within the fresh period, but revocations may have been missed
+    assert (await auth.authenticate(f"Bearer {key}")).key_id == "k1"  # served from memory, no wait
+    await asyncio.sleep(0)
+    assert lookup.calls == 2 and auth.refreshing == 1  # and re-read in the background
+    # A revocation missed while unsubscribed takes effect once the re-read answers.
+    lookup.rows[hash_key(key)] = _record("k1", revoked=True)
+    lookup.open.set()
+    await auth.settle()
+    with pytest.raises(Unauthenticated):
+        await auth.authenticate(f"Bearer {key}")
