@@ -76,11 +76,16 @@ def main() -> None:
     parser.add_argument("--short", action="store_true", help="the shortened timing of `make test`")
     parser.add_argument("--rows", default="", help="comma-separated parts of row names to run (default: all)")
     parser.add_argument("--write", action="store_true", help="record the table in docs/benchmarks.md")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="keep the meshes' data and logs here (default: a temporary folder, removed)")
     args = parser.parse_args()
     timing = SHORT if args.short else FULL
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    with tempfile.TemporaryDirectory(prefix="tollgate-faults-") as tmp:
-        rows, single = _rows(Path(tmp), timing, names)
+    if args.data_dir is not None:
+        rows, single = _rows(args.data_dir, timing, names)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tollgate-faults-") as tmp:
+            rows, single = _rows(Path(tmp), timing, names)
     base = baseline_p99(rows)
     after = table(rows, base)
     single_lines = [_single_line(r) for r in single]

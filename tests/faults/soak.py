@@ -28,6 +28,10 @@ from tests.bench.run import write_section
 from tests.faults.harness import MODEL, FaultMesh, Load, Timing, fault_mesh, ledger_missing, make_key
 
 MARK = "soak"
+# Sampled and shown, not judged: their memory follows the data they hold (PostgreSQL's shared buffers fill up to
+# shared_buffers as the ledger grows, and each pooled connection is a backend with its own fds; Redis holds the
+# exact-tier entries and the usage stream), which is their job. The bar is about tollgate's own processes.
+DATA_STORES = ("postgres", "redis")
 # The cache keeps every answer for its TTL (default 1 h, then a 1 day stale window), so with the defaults its
 # memory grows for the first day by design. Short lifetimes bring it to its steady state (as many entries
 # expiring as stored) within the warm-up, which is what the flatness check is about.
@@ -176,7 +180,7 @@ def summarize(load: Load, series: dict[str, Series], measured: float, missing: S
     served = sum(s.served for s in normal)
     bad_refused = sum(s.outcome == "400" for s in bad)
     lat = sorted(s.latency for s in normal)
-    problems = [p for s in series.values() for p in judge(s, warmup_s)]
+    problems = [p for s in series.values() if s.name not in DATA_STORES for p in judge(s, warmup_s)]
     if served < len(normal):
         failures: dict[str, int] = {}
         for s in normal:
@@ -196,8 +200,9 @@ def summarize(load: Load, series: dict[str, Series], measured: float, missing: S
         f"requests/s for {minutes:g} min: 3 HTTP clients and 1 gRPC client with retrieval, 20 % repeated prompts, "
         "1 % malformed requests, and a limited key. Cache TTL 2 min, stale window 1 min, swept every 30 s (the "
         "defaults keep answers for a day, so the cache grows for a day by design). Warm-up: the first "
-        f"{warmup_s / 60:g} min. RSS must stay within 10 % of its level at the end of the warm-up; fds and "
-        "threads must not grow.", "",
+        f"{warmup_s / 60:g} min. Each tollgate process's RSS must stay within 10 % of its level at the end of the "
+        "warm-up; fds and threads must not grow (Redis and PostgreSQL are shown, not judged: their memory is "
+        "the data they hold).", "",
         f"- requests: {len(normal)} well-formed, {served} served (p50 {statistics.median(lat) * 1000 if lat else 0:.0f}"
         f" ms, p99 {p99:.0f} ms); {len(bad)} malformed, {bad_refused} refused with 400; ledger: "
         f"{'exact' if not missing else f'{len(missing)} missing'}",
