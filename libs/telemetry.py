@@ -15,6 +15,25 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class ConnectionTracebackFilter(logging.Filter):
+    """One line instead of a traceback for a connection error a library logs with ``exc_info`` while it
+    retries by itself (asyncpg's pool restoring its floor during a PostgreSQL restart logs a 20-line
+    traceback at WARNING per attempt): the message and the error's type and text stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (isinstance(exc, OSError) or type(exc).__module__.startswith("asyncpg")):
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+# Loggers of libraries that retry connections themselves and log each failure with its traceback.
+_RETRYING_LOGGERS = ("asyncpg.pool",)
+
+
 def configure_logging(level: str, service: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -22,6 +41,10 @@ def configure_logging(level: str, service: str) -> None:
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
         force=True,
     )
+    for name in _RETRYING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ConnectionTracebackFilter) for f in logger.filters):
+            logger.addFilter(ConnectionTracebackFilter())
 
 
 def configure_tracing(service: str, otlp_endpoint: str) -> bool:

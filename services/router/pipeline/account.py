@@ -18,6 +18,7 @@ from typing import Any
 from libs.chat import FinishReason
 from libs.deadlines import Deadline
 from libs.errors import TollgateError
+from libs.log_throttle import ThrottledLog
 from libs.rag_context import cited_chunk_ids
 from services.router.ledger.events import UsageEvent, utcnow
 from services.router.pipeline.local_limits import LocalLimiter
@@ -25,6 +26,7 @@ from services.router.pipeline.ports import CacheClient, RateLimitClient, UsageSi
 from services.router.pipeline.request import RequestState, Summary
 
 log = logging.getLogger(__name__)
+_throttled = ThrottledLog(log)  # per-request fallbacks: one line per reason per 10 s
 
 SETTLE_TIMEOUT_S = 5.0
 
@@ -77,7 +79,7 @@ class AccountStage:
                 await self._cache.store(state.store_ns, state.model.name, state.cmd.messages,
                                         state.cmd.params, "".join(state.text), usage, deadline)
             except TollgateError as exc:
-                log.warning("cache store skipped: %s", exc.reason)
+                _throttled.warning(f"store:{exc.reason}", "cache store skipped: %s", exc.reason)
         if state.model is None:
             return  # rejected before a model was chosen: nothing was served or billed
         await self._usage.record(UsageEvent(

@@ -31,9 +31,11 @@ from typing import Protocol
 from cachetools import TTLCache
 
 from libs.errors import QuotaExceeded, QuotaViolation, Unauthenticated, Unavailable
+from libs.log_throttle import ThrottledLog
 from services.router.control.keys import KEY_PREFIX, KeyRecord, hash_key
 
 log = logging.getLogger(__name__)
+_throttled = ThrottledLog(log)  # per-request fallbacks: one line per reason per 10 s
 
 # A background re-read of a known key gives up after this long (PostgreSQL hung); the entry stays stale.
 REFRESH_TIMEOUT_S = 5.0
@@ -214,8 +216,8 @@ class Authenticator:
             async with asyncio.timeout(REFRESH_TIMEOUT_S):
                 found = await self._lookup.find_by_hash(key_hash)
         except (Unavailable, TimeoutError) as exc:
-            log.warning("key %s not re-read (%s); serving the cached entry", key_id,
-                        getattr(exc, "reason", type(exc).__name__))
+            reason = getattr(exc, "reason", type(exc).__name__)
+            _throttled.warning(f"reread:{reason}", "key %s not re-read (%s); serving the cached entry", key_id, reason)
             return
         except Exception:
             log.exception("key %s not re-read; serving the cached entry", key_id)

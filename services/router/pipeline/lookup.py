@@ -12,11 +12,13 @@ import logging
 from libs.chat import FinishReason, TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import TollgateError
+from libs.log_throttle import ThrottledLog
 from services.router.control.registry import ModelEntry, Registry
 from services.router.pipeline.ports import CacheClient, CachedAnswer, CacheNamespace
 from services.router.pipeline.request import RequestState, price_in_force
 
 log = logging.getLogger(__name__)
+_throttled = ThrottledLog(log)  # per-request fallbacks: one line per reason per 10 s
 
 HIT_RATE_ALPHA = 0.05
 
@@ -41,7 +43,7 @@ class LookupStage:
                                             price=price_in_force(self._registry, model, state.started_at))
         except TollgateError as exc:
             # Fail open: whatever the cache's problem, the request is still served.
-            log.warning("cache lookup skipped: %s", exc.reason)
+            _throttled.warning(f"lookup:{exc.reason}", "cache lookup skipped: %s", exc.reason)
             return None
 
     async def first_lookup(self, state: RequestState, ns: CacheNamespace, model: ModelEntry, deadline: Deadline, *,

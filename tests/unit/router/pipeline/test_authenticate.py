@@ -165,7 +165,7 @@ async def test_the_default_lookup_timeout_is_half_a_second() -> None:
 
 async def test_expire_all_keeps_keys_served_and_rereads_them_in_the_background() -> None:
     # The revocation channel was resubscribed (Redis restarted) while PostgreSQL hangs: no key is lost.
-    lookup, clock, auth, key = _setup()
+    lookup, _clock, auth, key = _setup()
     await auth.authenticate(f"Bearer {key}")
     assert lookup.calls == 1
     lookup.hang()
