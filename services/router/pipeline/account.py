@@ -26,7 +26,6 @@ from services.router.pipeline.ports import CacheClient, RateLimitClient, UsageSi
 from services.router.pipeline.request import RequestState, Summary
 
 log = logging.getLogger(__name__)
-_throttled = ThrottledLog(log)  # per-request fallbacks: one line per reason per 10 s
 
 SETTLE_TIMEOUT_S = 5.0
 
@@ -34,6 +33,8 @@ SETTLE_TIMEOUT_S = 5.0
 class AccountStage:
     def __init__(self, ratelimit: RateLimitClient, cache: CacheClient, usage: UsageSink,
                  local: LocalLimiter | None = None):
+        # Per-request fallbacks: one line per reason per 10 s, with the count held back.
+        self._throttled = ThrottledLog(log)
         self._ratelimit = ratelimit
         self._local = local
         self._cache = cache
@@ -79,7 +80,7 @@ class AccountStage:
                 await self._cache.store(state.store_ns, state.model.name, state.cmd.messages,
                                         state.cmd.params, "".join(state.text), usage, deadline)
             except TollgateError as exc:
-                _throttled.warning(f"store:{exc.reason}", "cache store skipped: %s", exc.reason)
+                self._throttled.warning(f"store:{exc.reason}", "cache store skipped: %s", exc.reason)
         if state.model is None:
             return  # rejected before a model was chosen: nothing was served or billed
         await self._usage.record(UsageEvent(

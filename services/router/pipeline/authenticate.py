@@ -35,7 +35,6 @@ from libs.log_throttle import ThrottledLog
 from services.router.control.keys import KEY_PREFIX, KeyRecord, hash_key
 
 log = logging.getLogger(__name__)
-_throttled = ThrottledLog(log)  # per-request fallbacks: one line per reason per 10 s
 
 # A background re-read of a known key gives up after this long (PostgreSQL hung); the entry stays stale.
 REFRESH_TIMEOUT_S = 5.0
@@ -84,6 +83,8 @@ class Authenticator:
     def __init__(self, lookup: KeyLookup, *, cache_ttl_s: float, stale_ttl_s: float = 300.0,
                  lookup_timeout_s: float = 0.5, limits: AuthLimits = AuthLimits(),
                  clock: Callable[[], float] = time.monotonic):
+        # Per-request fallbacks: one line per reason per 10 s, with the count held back.
+        self._throttled = ThrottledLog(log)
         self._lookup = lookup
         self._ttl = cache_ttl_s
         self._lookup_timeout = lookup_timeout_s
@@ -217,7 +218,7 @@ class Authenticator:
                 found = await self._lookup.find_by_hash(key_hash)
         except (Unavailable, TimeoutError) as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
-            _throttled.warning(f"reread:{reason}", "key %s not re-read (%s); serving the cached entry", key_id, reason)
+            self._throttled.warning(f"reread:{reason}", "key %s not re-read (%s); serving the cached entry", key_id, reason)
             return
         except Exception:
             log.exception("key %s not re-read; serving the cached entry", key_id)

@@ -18,13 +18,14 @@ from services.router.pipeline.ports import CacheClient, CachedAnswer, CacheNames
 from services.router.pipeline.request import RequestState, price_in_force
 
 log = logging.getLogger(__name__)
-_throttled = ThrottledLog(log)  # per-request fallbacks: one line per reason per 10 s
 
 HIT_RATE_ALPHA = 0.05
 
 
 class LookupStage:
     def __init__(self, cache: CacheClient, registry: Registry, side_timeout_s: float):
+        # Per-request fallbacks: one line per reason per 10 s, with the count held back.
+        self._throttled = ThrottledLog(log)
         self._cache = cache
         self._registry = registry
         self._side_timeout_s = side_timeout_s
@@ -43,7 +44,7 @@ class LookupStage:
                                             price=price_in_force(self._registry, model, state.started_at))
         except TollgateError as exc:
             # Fail open: whatever the cache's problem, the request is still served.
-            _throttled.warning(f"lookup:{exc.reason}", "cache lookup skipped: %s", exc.reason)
+            self._throttled.warning(f"lookup:{exc.reason}", "cache lookup skipped: %s", exc.reason)
             return None
 
     async def first_lookup(self, state: RequestState, ns: CacheNamespace, model: ModelEntry, deadline: Deadline, *,
