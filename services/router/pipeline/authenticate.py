@@ -218,7 +218,8 @@ class Authenticator:
                 found = await self._lookup.find_by_hash(key_hash)
         except (Unavailable, TimeoutError) as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
-            self._throttled.warning(f"reread:{reason}", "key %s not re-read (%s); serving the cached entry", key_id, reason)
+            self._throttled.warning(f"reread:{reason}", "key %s not re-read (%s); serving the cached entry",
+                                    key_id, reason)
             return
         except Exception:
             log.exception("key %s not re-read; serving the cached entry", key_id)
