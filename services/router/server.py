@@ -39,8 +39,9 @@ from services.router.ledger.writer import LedgerWriter
 from services.router.pipeline.authenticate import Authenticator, AuthLimits
 from services.router.pipeline.complexity import DEFAULT_MODEL_PATH, ComplexityModelError, ComplexityRouter
 from services.router.pipeline.degradation import DegradationController, DegradationPolicy
-from services.router.pipeline.failover import RetryPolicy
+from services.router.pipeline.failover import RetryPolicy, parse_route_timeouts
 from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.hedging import HedgePolicy, Hedger
 from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import AutoRouter
 from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
@@ -60,6 +61,25 @@ def _auto_router(settings: RouterSettings) -> AutoRouter | None:
         return None
     log.info("complexity router loaded: threshold %.3f", router.threshold)
     return router
+
+
+def _retry_policy(settings: RouterSettings) -> RetryPolicy:
+    """Attempts, backoff and the inference timeouts, with the per-route overrides."""
+    return RetryPolicy(max_attempts=settings.retry_max_attempts, backoff_base_s=settings.retry_backoff_base_s,
+                       backoff_max_s=settings.retry_backoff_max_s,
+                       first_token_timeout_s=settings.inference_first_token_timeout_s,
+                       stall_timeout_s=settings.inference_stall_timeout_s,
+                       routes=parse_route_timeouts(settings.route_timeouts_json))
+
+
+def _hedger(settings: RouterSettings) -> Hedger | None:
+    """Hedged first attempts (pipeline/hedging.py), unless turned off."""
+    if not settings.hedge_enabled:
+        return None
+    return Hedger(HedgePolicy(percentile=settings.hedge_percentile, factor=settings.hedge_factor,
+                              floor_s=settings.hedge_floor_s, default_delay_s=settings.hedge_default_delay_s,
+                              min_samples=settings.hedge_min_samples, max_share=settings.hedge_max_share,
+                              window_s=settings.hedge_budget_window_s, demote_s=settings.hedge_demote_s))
 
 
 async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = None,
@@ -129,14 +149,11 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
                       default_max_output_tokens=settings.default_max_output_tokens,
                       side_call_timeout_s=settings.side_call_timeout_s,
                       retrieval=GrpcRetrievalClient(retrieval_ds), retrieval_timeout_s=settings.retrieval_timeout_s,
-                      retry=RetryPolicy(max_attempts=settings.retry_max_attempts,
-                                        backoff_base_s=settings.retry_backoff_base_s,
-                                        backoff_max_s=settings.retry_backoff_max_s,
-                                        first_token_timeout_s=settings.inference_first_token_timeout_s,
-                                        stall_timeout_s=settings.inference_stall_timeout_s),
+                      retry=_retry_policy(settings),
                       degradation=degradation, shedder=shedder, experiments=experiment_book,
                       auto_router=_auto_router(settings),
-                      local_limits=LocalLimiter(limit_book, share=settings.local_share))
+                      local_limits=LocalLimiter(limit_book, share=settings.local_share),
+                      hedger=_hedger(settings))
 
     background = [asyncio.create_task(registry.refresh_forever(), name="registry-refresh"),
                   asyncio.create_task(recorder.replay_forever(), name="usage-spool-replay"),

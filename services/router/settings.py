@@ -81,6 +81,37 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     # reached the client the request fails over to the next candidate, after that it ends UNAVAILABLE.
     inference_first_token_timeout_s: float = Field(10.0, gt=0)
     inference_stall_timeout_s: float = Field(10.0, gt=0)
+    # Per route (model name), overrides of those two and of `hedge_floor_s`, as JSON: a model that is slow by
+    # nature (a large reasoning model) needs longer leashes than the default, a small one shorter. E.g.
+    # {"gpt-4o": {"first_token_s": 20, "stall_s": 15, "hedge_floor_s": 1}}; checked at startup (unknown fields,
+    # bad JSON and numbers that are not positive are refused). Unset: the global values for every model.
+    route_timeouts_json: str = ""
+
+    # Hedging (pipeline/hedging.py): an attempt that has sent no first token after the hedge delay gets a second
+    # one on the next live candidate (another replica of its model first); the first to answer wins, the other
+    # is cancelled (no breaker fault: it did nothing wrong) and only the winner is billed. It bounds what one
+    # hung or slow replica costs a request to about the delay, instead of the first-token timeout. Only before
+    # any token reached the client; never with one candidate live.
+    hedge_enabled: bool = True
+    # The delay adapts per model: this percentile of its recent first-token latencies times `hedge_factor`, so
+    # that about (1 - percentile) of requests at most would be hedged in normal operation and a model that is
+    # slow on every request is not hedged on every request...
+    hedge_percentile: float = Field(0.95, gt=0, le=1)
+    hedge_factor: float = Field(1.5, ge=1)
+    # ...but never sooner than the floor (fast models: hedging after a few ms would double the load for
+    # nothing), and `hedge_default_delay_s` (at least the floor) until `hedge_min_samples` latencies are known.
+    hedge_floor_s: float = Field(0.25, gt=0)
+    hedge_default_delay_s: float = Field(1.0, gt=0)
+    hedge_min_samples: int = Field(20, gt=0)
+    # Budget: at most this share of the requests sent to inference in the last `hedge_budget_window_s` is hedged
+    # (and at least one per window), so that under overload, when every replica is slow, hedging cannot double
+    # the load: one hung replica of two costs a few hedges (the demotion below), not half the traffic.
+    hedge_max_share: float = Field(0.1, ge=0, le=1)
+    hedge_budget_window_s: float = Field(10.0, gt=0)
+    # A replica that lost a race without sending a first token is tried after its model's other replicas for this
+    # long: a hung replica then costs a few hedged requests, not every other one (0: no demotion).
+    hedge_demote_s: float = Field(2.0, ge=0)
+
     # Backend attempts per request (first try, fallbacks and retries together), and the backoff between rounds.
     retry_max_attempts: int = Field(4, ge=1, le=16)
     retry_backoff_base_s: float = Field(0.05, ge=0)
@@ -138,6 +169,14 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
             from services.router.control.bootstrap import parse_default_models
 
             parse_default_models(value)
+        return value
+
+    @field_validator("route_timeouts_json")
+    @classmethod
+    def _route_timeouts_parse(cls, value: str) -> str:
+        from services.router.pipeline.failover import parse_route_timeouts
+
+        parse_route_timeouts(value)
         return value
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ built on them, shared by the pipeline's and the servicer's unit tests."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
@@ -17,11 +18,20 @@ from libs.chat import (
     TokenUsage,
 )
 from libs.deadlines import Deadline
-from libs.errors import QuotaExceeded, QuotaViolation, Unavailable
+from libs.errors import (
+    InvalidArgument,
+    Overloaded,
+    PermissionDenied,
+    QuotaExceeded,
+    QuotaViolation,
+    TollgateError,
+    Unavailable,
+)
 from services.router.control.keys import KeyRecord
 from services.router.control.pricing import Price
 from services.router.control.registry import ModelEntry, Registry, RegistrySnapshot
 from services.router.ledger.events import UsageEvent
+from services.router.pipeline.failover import CONTEXT_WINDOW_EXCEEDED
 from services.router.pipeline.gateway import Gateway
 from services.router.pipeline.ports import CachedAnswer, CacheNamespace, Reservation
 from services.router.pipeline.request import GenerateCommand, Summary
@@ -120,6 +130,92 @@ class ScriptedInference:
             yield GenerationChunk(delta=word)
         yield GenerationChunk(usage=TokenUsage(10, 3, 0), finish_reason=FinishReason.STOP, model=model,
                               provider="fake")
+
+
+def _overflow() -> InvalidArgument:
+    err = InvalidArgument([], "prompt too long")
+    err.reason = CONTEXT_WINDOW_EXCEEDED
+    return err
+
+
+class Backends:
+    """Per target, a script of outcomes consumed call by call (the last one repeats):
+    ok (two counted deltas, then usage) | down (backend fault) | 429 (provider limit, retry-after 0.1 s)
+    | busy (overloaded, retry-after 0.1 s) | hint (unavailable with retry-after 0.1 s) | overflow
+    | denied (not retryable) | partial (one delta, then a backend fault) | hang (no chunk, ever) | stall (one
+    delta, then nothing) | late (like ok, the first chunk after ``late_s[target]`` seconds, default 0.2)."""
+
+    def __init__(self, scripts: dict[str, list[str]], *, cooling: dict[str, float] | None = None,
+                 open_breakers: Sequence[str] = (), late_s: dict[str, float] | None = None) -> None:
+        self.scripts = scripts
+        self.late_s = dict(late_s or {})
+        self.open_breakers = set(open_breakers)  # never ordered, and not cooling either
+        self.calls: list[tuple[str, str, float]] = []  # target, model, when
+        self.params: list[GenerationParams] = []
+        self.cool_downs: list[tuple[str, float]] = []
+        self.orders = 0  # how often a round asked for the replicas to try
+        self.cooling = dict(cooling or {})  # target -> monotonic time it takes traffic again
+        self.faults: list[tuple[str, str]] = []  # (target, reason) the stage counted against a breaker
+        self.cancelled: list[str] = []  # targets whose call was cancelled while it hung (or was late)
+
+    def order(self, targets: Sequence[str]) -> list[str]:
+        self.orders += 1
+        now = time.monotonic()
+        return [t for t in targets if self.cooling.get(t, 0) <= now and t not in self.open_breakers]
+
+    def cool_down(self, target: str, seconds: float) -> None:
+        self.cool_downs.append((target, seconds))
+
+    def cooling_for(self, targets: Sequence[str]) -> float | None:
+        now = time.monotonic()
+        waits = [self.cooling[t] - now for t in targets if self.cooling.get(t, 0) > now]
+        return min(waits) if waits else None
+
+    def record_fault(self, target: str, exc: Unavailable) -> None:
+        self.faults.append((target, exc.reason))
+
+    def targets(self) -> list[str]:
+        return [t for t, _, _ in self.calls]
+
+    async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
+                       params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
+        self.calls.append((target, model, time.monotonic()))
+        self.params.append(params)
+        script = self.scripts[target]
+        mode = script.pop(0) if len(script) > 1 else script[0]
+        errors: dict[str, TollgateError] = {
+            "down": Unavailable("backend down", reason="BACKEND_ERROR"),
+            "429": QuotaExceeded("provider rate limit", [QuotaViolation("provider:p", "rpm")], 0.1),
+            "busy": Overloaded("queue full", 0.1),
+            "hint": Unavailable("restarting", retry_after_s=0.1, reason="BACKEND_ERROR"),
+            "overflow": _overflow(),
+            "denied": PermissionDenied("no"),
+        }
+        if mode in errors:
+            raise errors[mode]
+        if mode == "hang":
+            await self._hang(target)
+        if mode == "late":
+            try:
+                await asyncio.sleep(self.late_s.get(target, 0.2))
+            except asyncio.CancelledError:
+                self.cancelled.append(target)
+                raise
+        yield GenerationChunk(delta="Par", output_tokens=1)
+        if mode == "partial":
+            raise Unavailable("connection reset", reason="BACKEND_ERROR")
+        if mode == "stall":
+            await self._hang(target)
+        yield GenerationChunk(delta="is", output_tokens=1)
+        yield GenerationChunk(output_tokens=0, usage=TokenUsage(9, 2, 0), finish_reason=FinishReason.STOP,
+                              model=model, provider=f"prov-{target}")
+
+    async def _hang(self, target: str) -> None:
+        try:
+            await asyncio.Event().wait()  # never set: a backend that hangs
+        except asyncio.CancelledError:
+            self.cancelled.append(target)
+            raise
 
 
 class Ledger:

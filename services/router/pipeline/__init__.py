@@ -5,7 +5,8 @@
 3. ``retrieve.py``     - the tenant's documents as context (only when asked)
 4. ``lookup.py``       - the cache; a hit is served here and its saving priced
 5. ``admit.py``        - degradation level, priority shedding, the reservation: where the budget is checked
-6. ``generate.py``     - the first healthy replica of the chain, with retries (``failover.py``)
+6. ``generate.py``     - the first healthy replica of the chain, with retries (``failover.py``) and hedging
+                          (``hedging.py``)
 7. ``account.py``      - the price of the answer, then commit, cache store and ledger, exactly once
 
 ``gateway.py`` runs them; ``request.py`` is the state they share; ``ports.py`` what they ask of other

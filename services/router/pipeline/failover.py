@@ -6,19 +6,52 @@ round has failed and the request's retry budget is not spent, it waits an
 exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
 And Jitter") or the backend's own retry-after, whichever is longer, and only if the
 wait still leaves time before the caller's deadline.
+
+The first-token and stall timeouts are global settings, overridable per route (model name) with
+``TOLLGATE_ROUTER_ROUTE_TIMEOUTS_JSON``: :func:`parse_route_timeouts`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from libs.errors import Overloaded, QuotaExceeded, TollgateError, Unavailable
 from services.router.control.registry import ModelEntry
 
 # ErrorInfo.reason the inference service gives a prompt longer than the model's context window.
 CONTEXT_WINDOW_EXCEEDED = "CONTEXT_WINDOW_EXCEEDED"
+
+_Seconds = Annotated[float | None, Field(gt=0, allow_inf_nan=False)]
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class RouteTimeouts:
+    """One route's own timeouts (seconds); an unset one is the global setting."""
+
+    first_token_s: _Seconds = None
+    stall_s: _Seconds = None
+    hedge_floor_s: _Seconds = None
+
+
+_ROUTES = TypeAdapter(dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], RouteTimeouts])
+
+
+def parse_route_timeouts(text: str) -> dict[str, RouteTimeouts]:
+    """``{"<model>": {"first_token_s": 20, "stall_s": 15, "hedge_floor_s": 1}}``; "" is no override.
+    Raises ValueError naming the bad entry (bad JSON, an unknown field, a number that is not positive)."""
+    if not text.strip():
+        return {}
+    try:
+        return _ROUTES.validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"route timeouts: {problems}") from None
 
 
 @dataclass(frozen=True)
@@ -33,6 +66,21 @@ class RetryPolicy:
     # and counted as a backend fault (TOLLGATE_ROUTER_INFERENCE_FIRST_TOKEN_TIMEOUT_S, ..._STALL_TIMEOUT_S).
     first_token_timeout_s: float = 10.0
     stall_timeout_s: float = 10.0
+    # Per model name, overrides of the two timeouts and of the hedge floor (TOLLGATE_ROUTER_ROUTE_TIMEOUTS_JSON).
+    routes: Mapping[str, RouteTimeouts] = field(default_factory=dict)
+
+    def first_token_timeout(self, model: str) -> float:
+        route = self.routes.get(model)
+        return route.first_token_s if route is not None and route.first_token_s else self.first_token_timeout_s
+
+    def stall_timeout(self, model: str) -> float:
+        route = self.routes.get(model)
+        return route.stall_s if route is not None and route.stall_s else self.stall_timeout_s
+
+    def hedge_floor(self, model: str) -> float | None:
+        """The route's own hedge floor (None: the hedging policy's)."""
+        route = self.routes.get(model)
+        return route.hedge_floor_s if route is not None else None
 
     def backoff(self, round_no: int, rng: random.Random | None = None) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**round)) for the ``round_no``-th retry round (1-based)."""

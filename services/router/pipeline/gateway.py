@@ -23,6 +23,7 @@ from services.router.pipeline.admit import AdmitStage, is_budget_exhausted
 from services.router.pipeline.degradation import DegradationController, Level
 from services.router.pipeline.failover import RetryPolicy
 from services.router.pipeline.generate import GenerateStage
+from services.router.pipeline.hedging import Hedger
 from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.lookup import LookupStage
 from services.router.pipeline.ports import (
@@ -53,7 +54,7 @@ class Gateway:
                  retrieval_timeout_s: float = 0.75, retry: RetryPolicy = RetryPolicy(),
                  degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
                  auto_router: AutoRouter | None = None, experiments: ExperimentAssigner | None = None,
-                 local_limits: LocalLimiter | None = None):
+                 local_limits: LocalLimiter | None = None, hedger: Hedger | None = None):
         self._registry = registry
         self._route = RouteStage(registry, auto_router, experiments)
         self._retrieve = RetrieveStage(retrieval, retrieval_timeout_s)
@@ -62,7 +63,7 @@ class Gateway:
                                  side_timeout_s=side_call_timeout_s, degradation=degradation, shedder=shedder,
                                  local=local_limits)
         self._generate = GenerateStage(inference, registry, self._route, self._admit, retry=retry,
-                                       default_max_output_tokens=default_max_output_tokens)
+                                       default_max_output_tokens=default_max_output_tokens, hedger=hedger)
         self._account = AccountStage(ratelimit, cache, usage, local_limits)
 
     def resolve_chain(self, key: KeyRecord, cmd: GenerateCommand) -> list[ModelEntry]:

@@ -21,6 +21,7 @@ from services.router.control.registry import ModelEntry
 from services.router.downstreams import GrpcInferenceClient
 from services.router.pipeline.failover import RetryPolicy
 from services.router.pipeline.gateway import Gateway
+from services.router.pipeline.hedging import HedgePolicy, Hedger
 from services.router.pipeline.request import CachePolicy, GenerateCommand, Summary
 from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
 from tests.support.inference import inference_replica
@@ -142,6 +143,56 @@ async def test_no_request_is_retried_past_the_callers_deadline() -> None:
         # One round (primary, backup), then the 5 s retry-after does not fit the 1 s deadline: it stops.
         assert time.monotonic() - t0 < 0.5 and getattr(err.value, "reason", "") == "NO_BACKEND"
         assert m.primary.snapshot()["requests_total"] == 1 and m.backup.snapshot()["requests_total"] == 1
+
+
+async def test_a_hung_replica_is_hedged_cancelled_and_passed_over_well_under_the_first_token_timeout() -> None:
+    """Two real inference replicas of one model; the first one's provider hangs (no response head, ever). The
+    first request is hedged to the other replica after the hedge delay, the hung call is cancelled all the way to
+    the provider, no breaker fault is counted, and the next requests go to the healthy replica first."""
+    async with AsyncExitStack() as stack:
+        hung = await stack.enter_async_context(FakeProvider())
+        healthy = await stack.enter_async_context(FakeProvider())
+        a = await stack.enter_async_context(inference_replica(hung, "m"))
+        b = await stack.enter_async_context(inference_replica(healthy, "m"))
+        client = GrpcInferenceClient(margin_s=0.01, cap_s=30, fail_max=FAIL_MAX, reset_timeout_s=RESET_S,
+                                     load_poll_s=0.1)
+        stack.push_async_callback(client.aclose)
+        limiter, ledger = MemoryLimiter(), Ledger()
+        gateway = Gateway(registry=registry_of(ModelEntry("m", "fake", f"{a}, {b}", 8192, "strong")),
+                          cache=MemoryCache(), ratelimit=limiter, inference=client, usage=ledger,
+                          default_max_output_tokens=64, side_call_timeout_s=1,
+                          retry=RetryPolicy(max_attempts=4, first_token_timeout_s=10.0),
+                          hedger=Hedger(HedgePolicy(floor_s=0.2, default_delay_s=0.2, demote_s=60)))
+        stack.push_async_callback(gateway.aclose)
+        hung.reset(mode="hang")
+        cmd = GenerateCommand(model="m", messages=[ChatMessage(Role.USER, "hello there")],
+                              params=GenerationParams(temperature=0.0), cache=CachePolicy(no_cache=True, no_store=True))
+
+        t0 = time.monotonic()
+        first = await _generate(gateway, cmd)
+        latency = time.monotonic() - t0
+        assert 0.2 <= latency < 1.0, latency  # the hedge delay, then the healthy replica: not the 10 s timeout
+        assert first.attempts == 2 and "hedged" in first.route_reason and first.finish_reason.name == "STOP"
+        assert (await hung.wait_idle())["active_streams"] == 0  # the loser's call was cancelled at the provider
+        assert hung.snapshot()["cancelled_streams"] == 1
+        assert _breaker_untouched(client, a)  # being cancelled is no fault of the replica
+
+        rest = []
+        for _ in range(4):
+            t0 = time.monotonic()
+            summary = await _generate(gateway, cmd)
+            rest.append((time.monotonic() - t0, summary.attempts))
+        assert all(s < 0.2 and n == 1 for s, n in rest), rest  # the replica that lost goes last for now
+        assert hung.snapshot()["requests_total"] == 1 and healthy.snapshot()["requests_total"] == 5
+        await gateway.aclose()
+        # Billed once each, for the winner's usage.
+        assert len(ledger.events) == 5 and len(limiter.committed) == 5
+        assert ledger.events[0].output_tokens == first.usage.output_tokens > 0
+
+
+def _breaker_untouched(client: GrpcInferenceClient, target: str) -> bool:
+    breaker = client.breaker(target)
+    return breaker.state == "closed" and breaker.window.calls == 0
 
 
 # --- priority shedding ---------------------------------------------------------------------------

@@ -2,113 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 
-from libs.chat import ChatMessage, FinishReason, GenerationChunk, GenerationParams, TokenUsage
+from libs.chat import FinishReason, GenerationParams, TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import (
     InvalidArgument,
-    Overloaded,
     PermissionDenied,
-    QuotaExceeded,
-    QuotaViolation,
-    TollgateError,
     Unavailable,
 )
 from services.router.control.registry import ModelEntry, Registry
 from services.router.pipeline.admit import AdmitStage
 from services.router.pipeline.degradation import DegradationController, DegradationPolicy, Level
-from services.router.pipeline.failover import CONTEXT_WINDOW_EXCEEDED, RetryPolicy
+from services.router.pipeline.failover import CONTEXT_WINDOW_EXCEEDED, RetryPolicy, RouteTimeouts
 from services.router.pipeline.generate import GenerateStage
 from services.router.pipeline.request import GenerateCommand, RequestState
 from services.router.pipeline.route import RouteStage
-from tests.support.router import BACKUP, KEY, PRIMARY, MemoryLimiter, command, registry_of
+from tests.support.router import BACKUP, KEY, PRIMARY, Backends, MemoryLimiter, command, registry_of
 
 DEFAULT_MAX_OUTPUT = 100
-
-
-def _overflow() -> InvalidArgument:
-    err = InvalidArgument([], "prompt too long")
-    err.reason = CONTEXT_WINDOW_EXCEEDED
-    return err
-
-
-class Backends:
-    """Per target, a script of outcomes consumed call by call (the last one repeats):
-    ok (two counted deltas, then usage) | down (backend fault) | 429 (provider limit, retry-after 0.1 s)
-    | busy (overloaded, retry-after 0.1 s) | hint (unavailable with retry-after 0.1 s) | overflow
-    | denied (not retryable) | partial (one delta, then a backend fault)."""
-
-    def __init__(self, scripts: dict[str, list[str]], *, cooling: dict[str, float] | None = None,
-                 open_breakers: Sequence[str] = ()) -> None:
-        self.scripts = scripts
-        self.open_breakers = set(open_breakers)  # never ordered, and not cooling either
-        self.calls: list[tuple[str, str, float]] = []  # target, model, when
-        self.params: list[GenerationParams] = []
-        self.cool_downs: list[tuple[str, float]] = []
-        self.orders = 0  # how often a round asked for the replicas to try
-        self.cooling = dict(cooling or {})  # target -> monotonic time it takes traffic again
-        self.faults: list[tuple[str, str]] = []  # (target, reason) the stage counted against a breaker
-        self.cancelled: list[str] = []  # targets whose call was cancelled while it hung
-
-    def order(self, targets: Sequence[str]) -> list[str]:
-        self.orders += 1
-        now = time.monotonic()
-        return [t for t in targets if self.cooling.get(t, 0) <= now and t not in self.open_breakers]
-
-    def cool_down(self, target: str, seconds: float) -> None:
-        self.cool_downs.append((target, seconds))
-
-    def cooling_for(self, targets: Sequence[str]) -> float | None:
-        now = time.monotonic()
-        waits = [self.cooling[t] - now for t in targets if self.cooling.get(t, 0) > now]
-        return min(waits) if waits else None
-
-    def record_fault(self, target: str, exc: Unavailable) -> None:
-        self.faults.append((target, exc.reason))
-
-    def targets(self) -> list[str]:
-        return [t for t, _, _ in self.calls]
-
-    async def generate(self, target: str, request_id: str, model: str, messages: list[ChatMessage],
-                       params: GenerationParams, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
-        self.calls.append((target, model, time.monotonic()))
-        self.params.append(params)
-        script = self.scripts[target]
-        mode = script.pop(0) if len(script) > 1 else script[0]
-        errors: dict[str, TollgateError] = {
-            "down": Unavailable("backend down", reason="BACKEND_ERROR"),
-            "429": QuotaExceeded("provider rate limit", [QuotaViolation("provider:p", "rpm")], 0.1),
-            "busy": Overloaded("queue full", 0.1),
-            "hint": Unavailable("restarting", retry_after_s=0.1, reason="BACKEND_ERROR"),
-            "overflow": _overflow(),
-            "denied": PermissionDenied("no"),
-        }
-        if mode in errors:
-            raise errors[mode]
-        if mode == "hang":
-            await self._hang(target)
-        yield GenerationChunk(delta="Par", output_tokens=1)
-        if mode == "partial":
-            raise Unavailable("connection reset", reason="BACKEND_ERROR")
-        if mode == "stall":
-            await self._hang(target)
-        yield GenerationChunk(delta="is", output_tokens=1)
-        yield GenerationChunk(output_tokens=0, usage=TokenUsage(9, 2, 0), finish_reason=FinishReason.STOP,
-                              model=model, provider=f"prov-{target}")
-
-
-    async def _hang(self, target: str) -> None:
-        try:
-            await asyncio.Event().wait()  # never set: a backend that hangs
-        except asyncio.CancelledError:
-            self.cancelled.append(target)
-            raise
 
 
 def _stage(backends: Backends, registry: Registry | None = None, *, retry: RetryPolicy = RetryPolicy(),
@@ -356,3 +271,38 @@ async def test_a_slow_but_steady_stream_is_not_a_stall() -> None:
     retry = RetryPolicy(first_token_timeout_s=0.2, stall_timeout_s=0.2)
     assert await _drain(_stage(backends, retry=retry), _state(), [PRIMARY]) == ["Par", "is"]
     assert backends.faults == [] and backends.cancelled == []
+
+
+# --- per-route timeouts (issue 24) --------------------------------------------------------------
+
+async def test_a_routes_own_first_token_timeout_replaces_the_global_one() -> None:
+    backends = Backends({"t-primary": ["hang"], "t-backup": ["hang", "ok"]})
+    retry = RetryPolicy(first_token_timeout_s=0.5, routes={"primary": RouteTimeouts(first_token_s=0.05)})
+    state = _state()
+    t0 = time.monotonic()
+    deltas = await _drain(_stage(backends, retry=retry), state, [PRIMARY, BACKUP])
+    # primary gives up after its own 0.05 s, backup (no override) after the global 0.5 s; the second round's
+    # backup answers.
+    assert deltas == ["Par", "is"] and backends.targets() == ["t-primary", "t-backup"] * 2
+    (_, _, first), (_, _, second), (_, _, third) = backends.calls[:3]
+    assert 0.04 < second - first < 0.3 and third - second >= 0.5
+    assert "primary sent no first token in 0.05s" in state.route_reason
+    assert "backup sent no first token in 0.5s" in state.route_reason
+    assert time.monotonic() - t0 >= 0.5
+
+
+async def test_a_routes_own_stall_timeout_replaces_the_global_one() -> None:
+    backends = Backends({"t-primary": ["stall"]})
+    retry = RetryPolicy(stall_timeout_s=5.0, routes={"primary": RouteTimeouts(stall_s=0.05)})
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match=r"stalled in 0\.05s"):
+        await _drain(_stage(backends, retry=retry), _state(), [PRIMARY])
+    assert time.monotonic() - t0 < 1.0 and backends.faults == [("t-primary", "BACKEND_TIMEOUT")]
+
+
+async def test_a_route_without_an_override_keeps_the_global_timeouts() -> None:
+    backends = Backends({"t-primary": ["hang"], "t-backup": ["ok"]})
+    retry = RetryPolicy(first_token_timeout_s=0.05, routes={"backup": RouteTimeouts(first_token_s=5.0)})
+    state = _state()
+    assert await _drain(_stage(backends, retry=retry), state, [PRIMARY, BACKUP]) == ["Par", "is"]
+    assert "primary sent no first token in 0.05s" in state.route_reason
