@@ -129,6 +129,7 @@ class _Replica:
         # Monotonic time before which it gets no traffic: its provider said "retry after" (a 429).
         self.cool_until = 0.0
         self.poller: asyncio.Task[None] | None = None
+        self.reachable = True  # its last load poll was answered
 
     @property
     def score(self) -> int:
@@ -183,10 +184,14 @@ class GrpcInferenceClient:
                 load = await replica.stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=max(self._poll_s, 0.1))
                 replica.polled_load = load.running_requests + load.waiting_requests
                 replica.waiting, replica.max_waiting = load.waiting_requests, load.max_waiting_requests
-                # It answers again (a restarted replica): probe it now, not after the breaker's reset timeout.
-                replica.ds.breaker.probe_now()
+                if not replica.reachable:
+                    # Unreachable until now and answering again (a restarted replica): probe it now, not after the
+                    # breaker's reset timeout. Only then: a replica that answers polls but fails generations (its
+                    # provider returns 500s) is left to the reset timeout, or every poll would cost a request.
+                    replica.reachable = True
+                    replica.ds.breaker.probe_now()
             except grpc.aio.AioRpcError:
-                pass  # unreachable: its breaker decides whether it gets traffic
+                replica.reachable = False  # its breaker decides whether it gets traffic
             await asyncio.sleep(self._poll_s)
 
     def breaker(self, target: str) -> Breaker:

@@ -58,3 +58,50 @@ async def hold_direct(target: str) -> None:
 
 
 pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_restarted_replica_is_probed_as_soon_as_it_answers_its_load_poll(clean_env: None) -> None:
+    from libs.errors import Unavailable
+    from libs.grpc_server import GrpcServer
+    from ops.launcher import free_port
+    from services.inference.server import build
+    from services.inference.settings import InferenceSettings
+
+    async with AsyncExitStack() as stack:
+        provider = await stack.enter_async_context(FakeProvider())
+        config = InferenceSettings(port=free_port(), provider_base_url=provider.url,  # type: ignore[call-arg]
+                                   served_models="m=fake-small")
+
+        async def serve() -> GrpcServer:
+            bindings, close = await build(config)
+            stack.push_async_callback(close)
+            server = GrpcServer(config, bindings)
+            await server.start()
+            return server
+
+        server = await serve()
+        target = f"127.0.0.1:{config.port}"
+        # A reset timeout far longer than the test: only the poll can let traffic back this soon.
+        client = GrpcInferenceClient(margin_s=0.01, cap_s=5, fail_max=1, reset_timeout_s=60, load_poll_s=0.1)
+        stack.push_async_callback(client.aclose)
+        messages = [ChatMessage(Role.USER, "hello")]
+
+        async def call() -> None:
+            async for _ in client.generate(target, "r", "m", messages, GenerationParams(), Deadline.after(5)):
+                pass
+
+        await call()
+        await server.stop(0)  # killed
+        with pytest.raises(Unavailable):
+            await call()
+        assert client.order([target]) == []  # its breaker is open
+        await asyncio.sleep(0.3)  # polls fail meanwhile
+        server = await serve()  # restarted on the same port
+        stack.push_async_callback(server.stop, 0)
+        for _ in range(30):
+            if client.order([target]):
+                break
+            await asyncio.sleep(0.1)
+        assert client.order([target]) == [target]  # probed within a few polls, not after 60 s
+        await call()
+        assert client.breaker(target).state == "closed"
