@@ -27,11 +27,16 @@ class Bucket:
         return self.kind.period_s * 1000
 
     def redis_key(self, prefix: str) -> str:
-        return f"{prefix}rl:tb:{self.level.scope.value}:{self.level.scope_id}:{self.kind.short}"
+        return bucket_key(prefix, self.level.scope, self.level.scope_id, self.kind)
 
     @property
     def identity(self) -> tuple[Scope, str, Kind]:
         return (self.level.scope, self.level.scope_id, self.kind)
+
+
+def bucket_key(prefix: str, scope: Scope, scope_id: str, kind: Kind) -> str:
+    """The Redis key of a token bucket."""
+    return f"{prefix}rl:tb:{scope.value}:{scope_id}:{kind.short}"
 
 
 def buckets_for(levels: Iterable[Level]) -> list[Bucket]:

@@ -4,13 +4,52 @@ The same semantics as the Redis limiter (all-or-nothing reserve, refund/charge o
 release, expiry sweep, budgets, idempotent request ids), kept in this process's memory: token
 buckets on its monotonic clock, budget windows on its wall clock (UTC calendar days/months).
 
-Bound, token buckets: with ``replicas`` = R (``TOLLGATE_RATELIMIT_REPLICAS``), each replica
-enforces ``max(1, limit // R)`` per bucket, so while Redis is down the mesh admits at most
-``max(limit, R)`` per period per bucket if traffic is spread over all replicas (less if it is
-not). Switch-over allowance: local buckets start full and know nothing of what Redis admitted,
-so the period in which Redis goes down can admit up to one extra local capacity per replica
-(about one extra ``limit`` mesh-wide), and so can the period after it comes back (Redis's
-buckets refilled meanwhile).
+Token buckets. L is a bucket's limit per period P, R = ``replicas``
+(``TOLLGATE_RATELIMIT_REPLICAS``), c = ``max(1, L // R)`` one replica's local capacity (so
+R·c <= max(L, R)).
+
+- Carry-over in (shadowing). While Redis answers, every reservation it admits through this
+  process is also drawn from this process's local bucket of the same identity
+  (``shadow_reserve``: never refused, the level clamped to [0, c]); commit refunds and charges,
+  releases and expiry are mirrored the same way (``shadow_settle``; expiry by ``sweep``, within
+  a few sweeps when thousands are outstanding: a late refund only errs on the strict side). A
+  replica's shadow sees only its own traffic, against its own share: its level l_i is what c
+  would hold had this replica's admissions been counted against c alone. The fallback continues
+  from l_i, not from full.
+- While Redis is away, over any interval of length T a replica takes at most l_i (its level when
+  the interval starts) + c·T/P from a bucket, net of refunds, so the mesh at most
+  sum(l_i) + max(L, R)·T/P. (Commits may charge beyond their estimate, as with Redis.)
+- Switch-over in: against one exact bucket that held B when Redis went away, the extra is
+  sum(l_i) - B. With R = 1 it is 0 (l = B, up to settles whose outcome was lost): no fresh
+  burst. With R > 1 it is about 0 when the key's traffic was spread evenly over the replicas; a
+  replica's admissions beyond its share are clamped away, so uneven traffic leaves up to
+  (R - 1)·c (one replica carried it all, the others keep their shares). A bucket a replica has
+  never seen (it started after the traffic, or it dropped the bucket at ``max_buckets``) counts
+  as full: only when every replica is new to a key Redis had spent is the extra the old worst
+  case, R·c <= max(L, R).
+- Carry-over back. What this replica admitted locally (net of refunds, ``take_unsynced_draws``)
+  is drawn from the Redis bucket once Redis answers again, before this process's next reserve
+  there and by the sweeper; a write that fails is kept and tried again, so it is written once,
+  or twice when a write ran but its reply was lost (overcharged, never dropped while this process
+  lives). Concurrent reserves wait for it. The draw never refuses and stops at zero, and it is
+  min(D_i, ceil(c - l_i)): what was admitted, but not more than the local bucket is still short
+  of full (what refilled since is not charged again). With R = 1, Redis is then no fuller than
+  the local bucket was: no fresh burst when Redis returns. With R > 1 each replica takes off
+  what its local admissions still weigh in its share; stopping at zero forgives admissions
+  beyond what Redis would have held (the allowances above) instead of carrying them as debt.
+- In sum, no fresh burst: with R = 1 the mesh admits over any interval about what one exact
+  bucket would have, outages included; with R > 1 at most the switch-in extra more per outage
+  (about 0 with evenly spread traffic, (R - 1)·c with all of it on one replica, R·c only for a
+  spent key every replica is new to), and returning is about exact when traffic was spread evenly.
+
+Not covered: a process that exits while Redis is away loses its shadow state and its unsynced
+draws (they are never written back), and one that starts during an outage starts full; writes
+Redis itself loses in a crash (with ``appendfsync everysec`` about the last second's reserves)
+are not restored from the shadows; a settle whose reply was lost (a commit that ran in Redis but
+timed out here is refunded here at expiry); a refund owed to Redis for a write-back draw that
+stopped at zero there gives back more than that draw took (at most the reservation's estimate);
+a hung Redis runs the commands queued while it was stopped when it resumes (reserves that timed
+out and were admitted here are then drawn there too until they expire: conservative).
 
 Bound, budgets: each replica remembers the spend it last saw in Redis for each budget window
 (``observe``) and admits at most ``(limit - last seen) // R`` of new spend locally (the whole
@@ -25,10 +64,12 @@ NotFound, and either way it is refunded by this process's sweep when it expires.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from libs.errors import NotFound
 from services.ratelimit.buckets import Bucket, Reservation, UsageRow, quota_exceeded, usage_row
@@ -43,11 +84,18 @@ from services.ratelimit.budgets import (
 from services.ratelimit.limits import Kind, Period, Scope
 
 _Identity = tuple[Scope, str, Kind]
+_K = TypeVar("_K")
 # A budget window: (scope, scope id, period, window id).
 BudgetWindowId = tuple[Scope, str, Period, str]
 
+# Buckets kept for shadowing at most (a bucket lives until it is full again: a day for
+# tokens_per_day). Past it, buckets not yet known are not shadowed: they start full, as unseen ones do.
+MAX_SHADOW_BUCKETS = 200_000
+# Shadows and buckets a sweep looks at, each (a millisecond or two of work).
+SWEEP_BATCH = 2_000
 
-@dataclass
+
+@dataclass(slots=True)
 class _LocalBucket:
     tokens: float
     updated: float  # monotonic seconds
@@ -73,6 +121,7 @@ class _Debit:
     counts_tokens: bool
     capacity: int
     period_s: float
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -86,22 +135,86 @@ class _LocalReservation:
     reservation: Reservation | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ShadowBucket:
+    """What a shadow draw needs of a bucket, worked out once per plan (see ``shadow_plan``)."""
+
+    identity: _Identity
+    capacity: int  # this replica's share
+    period_s: float
+    counts_tokens: bool
+
+
+@dataclass(slots=True)
+class _Shadow:
+    """A reservation Redis admitted, as drawn from the local buckets."""
+
+    plan: Sequence[ShadowBucket]
+    drawn: list[float]  # per bucket, what the draw took (less than the cost where it stopped at zero)
+    estimated_tokens: int
+    expires_mono: float
+
+
+@dataclass(slots=True)
+class _Owed:
+    amount: int  # drawn locally and not yet from Redis; negative: refunds Redis is owed
+    limit: int
+    period_ms: int
+
+
+@dataclass(frozen=True)
+class UnsyncedDraw:
+    """Tokens (or requests) to draw from a Redis bucket for what the fallback admitted; negative gives back."""
+
+    identity: _Identity
+    amount: int
+    limit: int  # the configured limit: Redis's capacity, not this replica's share
+    period_ms: int
+
+
+class _Rotation(Generic[_K]):
+    """A dict's keys, handed out a batch at a time from a snapshot retaken when it is used up.
+
+    With shadowing, every bucket and Redis reservation in use is in this process's memory:
+    looking at all of them on each sweep would stall the event loop for tens of milliseconds.
+    A key's turn comes within len(dict) / SWEEP_BATCH sweeps.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[_K] = []
+
+    def batch(self, items: dict[_K, Any]) -> list[_K]:
+        if not self._queue:
+            self._queue = list(items)
+        out = self._queue[-SWEEP_BATCH:]
+        del self._queue[-SWEEP_BATCH:]
+        return out
+
+
 class LocalLimiter:
     ID_PREFIX = "local-"
 
     def __init__(self, *, replicas: int = 1, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, max_buckets: int = MAX_SHADOW_BUCKETS):
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
         self._replicas = replicas
         self._clock = clock
         self._wall_clock = wall_clock
+        self._max_buckets = max_buckets
         self._buckets: dict[_Identity, _LocalBucket] = {}
         self._reservations: dict[str, _LocalReservation] = {}
         self._by_request: dict[str, str] = {}
         self._budgets: dict[BudgetWindowId, _LocalBudget] = {}
         # Spend last seen in Redis per budget window, with the window's end (ms) for pruning.
         self._seen: dict[BudgetWindowId, tuple[int, int]] = {}
+        # Redis reservations made through this process, mirrored in the local buckets.
+        self._shadows: dict[str, _Shadow] = {}
+        # Net local draws per bucket not yet written back to Redis.
+        self._owed: dict[_Identity, _Owed] = {}
+        self._spend_unsynced = False
+        self._shadow_rotation: _Rotation[str] = _Rotation()
+        self._bucket_rotation: _Rotation[_Identity] = _Rotation()
 
     @classmethod
     def owns(cls, reservation_id: str) -> bool:
@@ -114,6 +227,11 @@ class LocalLimiter:
     def capacity(self, limit: int) -> int:
         """This replica's share of a limit."""
         return max(1, limit // self._replicas)
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether anything admitted here (bucket draws, budget spend) is still to be written to Redis."""
+        return self._spend_unsynced or bool(self._owed)
 
     # -- budgets --------------------------------------------------------------------------
 
@@ -137,12 +255,129 @@ class LocalLimiter:
             if b.unsynced:
                 out.append((wid, b.unsynced, b.end_ms))
                 b.unsynced = 0
+        self._spend_unsynced = False
         return out
 
     def restore_unsynced(self, items: Sequence[tuple[BudgetWindowId, int, int]]) -> None:
         """Put back spend whose write to Redis failed."""
         for wid, amount, end_ms in items:
             self._budgets.setdefault(wid, _LocalBudget(end_ms)).unsynced += amount
+            self._spend_unsynced = True
+
+    # -- carry-over between Redis and the local buckets -----------------------------------
+
+    def shadow_plan(self, buckets: Sequence[Bucket]) -> tuple[ShadowBucket, ...]:
+        """The buckets as ``shadow_reserve`` takes them (callers cache it with their plan)."""
+        return tuple(ShadowBucket(b.identity, self.capacity(b.limit), float(b.kind.period_s), b.kind.counts_tokens)
+                     for b in buckets)
+
+    def shadow_reserve(self, reservation_id: str, plan: Sequence[ShadowBucket], estimated_tokens: int,
+                       ttl_s: float) -> None:
+        """Mirror a reservation Redis admitted: draw it from the local buckets, never refusing.
+
+        So that, should Redis go away, the local buckets go on from what was spent instead of full.
+        """
+        if not plan:
+            return
+        now = self._clock()
+        drawn: list[float] = []
+        states = self._buckets
+        for b in plan:
+            cost = estimated_tokens if b.counts_tokens else 1
+            state = states.get(b.identity)
+            if state is None:
+                drawn.append(self._shadow_draw(b, cost, now))
+                continue
+            # _shadow_draw inlined for a bucket already known, the common case: this runs on every reserve.
+            capacity = b.capacity
+            level = state.tokens + (now - state.updated) * state.capacity / state.period_s
+            if level > capacity:
+                level = float(capacity)  # full (or the limit shrank)
+            taken = float(cost) if level >= cost else max(0.0, level)
+            state.tokens, state.updated, state.capacity = level - taken, now, capacity
+            drawn.append(taken)
+        self._shadows[reservation_id] = _Shadow(plan, drawn, estimated_tokens, now + ttl_s)
+
+    def shadow_settle(self, reservation_id: str, *, commit: bool, actual_tokens: int = 0) -> None:
+        """Mirror the settling of a Redis reservation (a release also stands for Redis's own expiry refund)."""
+        found = self._shadows.pop(reservation_id, None)
+        if found is None:
+            return
+        now = self._clock()
+        over = commit and actual_tokens > found.estimated_tokens
+        for bucket, drawn in zip(found.plan, found.drawn, strict=True):
+            if not commit:
+                self._shadow_give(bucket, drawn, now)
+            elif not bucket.counts_tokens:
+                continue  # a committed request keeps its slot
+            elif over:
+                self._shadow_draw(bucket, actual_tokens - found.estimated_tokens, now)
+            else:
+                # Ends as if `actual_tokens` had been drawn: what the draw did not take is not given back.
+                self._shadow_give(bucket, drawn - actual_tokens, now)
+
+    def _shadow_draw(self, bucket: ShadowBucket, cost: int, now: float) -> float:
+        """Draw from a local bucket, stopping at zero (never refusing); returns what was taken."""
+        capacity = bucket.capacity
+        state = self._buckets.get(bucket.identity)
+        if state is None:
+            if len(self._buckets) >= self._max_buckets:
+                return 0.0  # no room to remember it: it stays full, like a bucket never seen
+            taken = float(min(cost, capacity))
+            self._buckets[bucket.identity] = _LocalBucket(capacity - taken, now, capacity, bucket.period_s)
+            return taken
+        # The level, at most this capacity (the limit may have shrunk); inlined: this runs per reserve.
+        level = min(float(capacity), state.tokens + max(0.0, now - state.updated) * state.capacity / state.period_s)
+        # Stops at zero, and does not lift a level that local charges took below it.
+        taken = min(float(cost), max(0.0, level))
+        state.tokens, state.updated, state.capacity = level - taken, now, capacity
+        return taken
+
+    def _shadow_give(self, bucket: ShadowBucket, amount: float, now: float) -> None:
+        if amount <= 0:
+            return
+        state = self._buckets.get(bucket.identity)
+        if state is None:
+            return  # missing means full: nothing to give back
+        capacity = bucket.capacity
+        level = state.tokens + (now - state.updated) * state.capacity / state.period_s + amount
+        state.tokens, state.updated, state.capacity = min(float(capacity), level), now, capacity
+
+    def _owe(self, debit: _Debit, amount: int) -> None:
+        owed = self._owed.get(debit.identity)
+        if owed is None:
+            self._owed[debit.identity] = _Owed(amount, debit.limit, round(debit.period_s * 1000))
+        else:
+            owed.amount += amount
+            owed.limit = debit.limit
+
+    def take_unsynced_draws(self) -> list[UnsyncedDraw]:
+        """What this process admitted locally, to be drawn from the Redis buckets; cleared.
+
+        Per bucket the net amount drawn here since the last write-back, but no more than the local
+        bucket is still short of full: what has refilled since need not be paid again in Redis.
+        """
+        now = self._clock()
+        out = []
+        for identity, owed in self._owed.items():
+            amount = owed.amount
+            if amount > 0:
+                state = self._buckets.get(identity)
+                short = 0.0 if state is None else max(0.0, state.capacity - state.level(now))
+                amount = min(amount, math.ceil(short))
+            if amount:
+                out.append(UnsyncedDraw(identity, amount, owed.limit, owed.period_ms))
+        self._owed.clear()
+        return out
+
+    def restore_unsynced_draws(self, items: Sequence[UnsyncedDraw]) -> None:
+        """Put back draws whose write to Redis failed."""
+        for item in items:
+            owed = self._owed.get(item.identity)
+            if owed is None:
+                self._owed[item.identity] = _Owed(item.amount, item.limit, item.period_ms)
+            else:
+                owed.amount += item.amount
 
     # -- reserve / settle -----------------------------------------------------------------
 
@@ -195,7 +430,9 @@ class LocalLimiter:
             cost = bucket.cost(estimated_tokens)
             capacity, period_s = self.capacity(bucket.limit), float(bucket.kind.period_s)
             self._buckets[bucket.identity] = _LocalBucket(tokens - cost, now, capacity, period_s)
-            debits.append(_Debit(bucket.identity, cost, bucket.kind.counts_tokens, capacity, period_s))
+            debit = _Debit(bucket.identity, cost, bucket.kind.counts_tokens, capacity, period_s, bucket.limit)
+            debits.append(debit)
+            self._owe(debit, cost)
         for wid, window in windows:
             state = self._budgets.setdefault(wid, _LocalBudget(window.end_ms))
             state.used += estimated_cost
@@ -236,6 +473,7 @@ class LocalLimiter:
                 delta = debit.cost - actual_tokens if debit.counts_tokens else 0
             if delta:
                 self._adjust(debit, delta, now)
+                self._owe(debit, -delta)
         for wid, end_ms in found.holds:
             # Pruned only when nothing was held: a zero-cost estimate whose window is over.
             state = self._budgets.setdefault(wid, _LocalBudget(end_ms))
@@ -244,6 +482,7 @@ class LocalLimiter:
             if commit:
                 state.used += actual_cost
                 state.unsynced += actual_cost
+                self._spend_unsynced = self._spend_unsynced or actual_cost > 0
         return found.estimated_tokens - actual_tokens if commit else found.estimated_tokens
 
     def commit(self, reservation_id: str, actual_tokens: int, actual_cost: int = 0) -> int:
@@ -278,8 +517,17 @@ class LocalLimiter:
         expired = [rid for rid, r in self._reservations.items() if r.expires_mono <= now]
         for rid in expired:
             self._settle(self._take(rid), commit=False, actual_tokens=0)
-        for identity in [k for k, b in self._buckets.items() if b.level(now) >= b.capacity]:
-            del self._buckets[identity]
+        # Redis's sweep refunds its expired reservations; so do their shadows here (not counted:
+        # the refund is Redis's). Shadows and buckets are looked at a batch per sweep (see _Rotation).
+        for rid in self._shadow_rotation.batch(self._shadows):
+            shadow = self._shadows.get(rid)
+            if shadow is not None and shadow.expires_mono <= now:
+                self.shadow_settle(rid, commit=False)
+        # Buckets that are full again are forgotten, so memory follows live traffic only.
+        for identity in self._bucket_rotation.batch(self._buckets):
+            state = self._buckets.get(identity)
+            if state is not None and state.level(now) >= state.capacity:
+                del self._buckets[identity]
         now_ms = int(self._wall_clock() * 1000)
         for wid in [w for w, b in self._budgets.items() if b.end_ms <= now_ms and not b.held and not b.unsynced]:
             del self._budgets[wid]

@@ -16,12 +16,15 @@ Committed spend reaching 80/90/95/100 % emits one event per threshold and window
 While Redis is unreachable, reserves and usage queries are answered by the optional
 :class:`~services.ratelimit.fallback.LocalLimiter` (``degraded=True``; its bound is documented
 there); settling a Redis reservation then fails with Unavailable, and the reservation is
-refunded when it expires. Budget spend committed locally is written back when Redis returns.
+refunded when it expires. What Redis admits is mirrored into the fallback's buckets, so that
+they go on from what was spent; what the fallback admitted (bucket draws and budget spend) is
+written back when Redis returns, before this process reserves there again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -35,7 +38,16 @@ import redis.exceptions as redis_errors
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, FieldViolation, InvalidArgument, NotFound, Unavailable
 from services.ratelimit import lua
-from services.ratelimit.buckets import Bucket, Reservation, Usage, UsageRow, buckets_for, quota_exceeded, usage_row
+from services.ratelimit.buckets import (
+    Bucket,
+    Reservation,
+    Usage,
+    UsageRow,
+    bucket_key,
+    buckets_for,
+    quota_exceeded,
+    usage_row,
+)
 from services.ratelimit.budgets import (
     MAX_NANO_USD,
     BudgetFailure,
@@ -45,7 +57,7 @@ from services.ratelimit.budgets import (
     window_at,
     window_from_id,
 )
-from services.ratelimit.fallback import LocalLimiter
+from services.ratelimit.fallback import LocalLimiter, ShadowBucket
 from services.ratelimit.limits import LimitStore, Period, Scope, Subject
 from services.ratelimit.transport import Connections, PackedScript, bulk
 
@@ -70,6 +82,9 @@ def _is_unavailable(exc: BaseException) -> bool:
 
 
 _MAX_CACHED_PLANS = 100_000
+# Buckets or budget windows per write-back script: a long outage's worth must not hold Redis (one
+# script runs at a time) past the call timeout, nor time out and be written again.
+_WRITE_BACK_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class _Plan:
     keys: bytes  # the buckets' Redis keys, packed (RESP bulk strings)
     args: bytes  # the reserve script's arguments after the per-call ones, packed
     n_args: int
+    shadow: tuple[ShadowBucket, ...]  # the buckets as the fallback mirrors them
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,10 @@ class Limiter:
         self._usage = redis.register_script(scripts.usage)
         self._reconcile = redis.register_script(scripts.reconcile)
         self._add_spend = redis.register_script(scripts.add_spend)
+        self._draw = redis.register_script(scripts.draw)
+        # One write-back at a time: reserves that find one under way wait for it rather than
+        # reserve in a Redis that does not know yet what the fallback admitted.
+        self._write_back_lock = asyncio.Lock()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -156,6 +176,9 @@ class Limiter:
         request_key = f"{subject.key_id}:{request_id}" if request_id else ""
         if self._redis_usable():
             try:
+                # (Also while a write-back is under way: it took the fallback's draws already.)
+                if self._fallback is not None and (self._fallback.unsynced or self._write_back_lock.locked()):
+                    await self._write_back_local(self._fallback, deadline)
                 return await self._call(lambda: self._reserve_redis(
                     plan, estimated_tokens, estimated_cost_nano_usd, ttl, request_key), deadline)
             except _RedisDown as exc:
@@ -218,8 +241,14 @@ class Limiter:
         Safe to run on every replica at once: each batch is one script, and a reservation is
         refunded only by whichever script deletes its record first.
         """
-        refunded = self._fallback.sweep() if self._fallback is not None else 0
-        await self._write_back_local_spend()
+        refunded = 0
+        if self._fallback is not None:
+            refunded = self._fallback.sweep()
+            if self._fallback.unsynced and self._redis_usable():
+                try:
+                    await self._write_back_local(self._fallback, None)
+                except _RedisDown as exc:
+                    self._mark_down(exc)
         for _ in range(max_batches):
             try:
                 seen, done = await self._call(
@@ -260,7 +289,8 @@ class Limiter:
                 args += [line.key_base(self._prefix), line.period.short, line.limit, line.level.scope.value,
                          line.level.scope_id]
             plan = _Plan(buckets, lines, b"".join(bulk(b.redis_key(self._prefix).encode()) for b in buckets),
-                         b"".join(bulk(str(a).encode()) for a in args), len(args))
+                         b"".join(bulk(str(a).encode()) for a in args), len(args),
+                         self._fallback.shadow_plan(buckets) if self._fallback is not None else ())
             self._plans[subject] = plan
         return plan
 
@@ -277,10 +307,12 @@ class Limiter:
         result = await self._reserve(len(buckets) + len(keys), len(args) + plan.n_args, parts)
         if int(result[0]) == 1:
             replayed = int(result[4]) == 1
-            if self._fallback is not None and lines and not replayed:
-                used_after, windows = _text(result[5]).split(), _text(result[6]).split()
-                for line, used, window_id in zip(lines, used_after, windows, strict=True):
-                    self._fallback.observe(line, window_from_id(line.period, window_id), int(used))
+            if self._fallback is not None and not replayed:
+                self._fallback.shadow_reserve(reservation_id, plan.shadow, estimated_tokens, ttl_s)
+                if lines:
+                    used_after, windows = _text(result[5]).split(), _text(result[6]).split()
+                    for line, used, window_id in zip(lines, used_after, windows, strict=True):
+                        self._fallback.observe(line, window_from_id(line.period, window_id), int(used))
             return Reservation(_text(result[3]), int(result[1]) / 1000, prefer_cheaper=int(result[2]) == 1,
                                replayed=replayed)
         failed = [int(i) - 1 for i in result[2]]
@@ -304,6 +336,10 @@ class Limiter:
             self._mark_down(exc)
             raise Unavailable("rate limit store unavailable; the reservation will be refunded when it expires",
                               retry_after_s=max(self._redis_retry_s, 0.1)) from None
+        if self._fallback is not None:
+            # Not found: settled already (then there is no shadow left) or refunded by Redis's sweep.
+            self._fallback.shadow_settle(reservation_id, commit=mode == "commit" and int(result[0]) == 1,
+                                         actual_tokens=actual_tokens)
         if int(result[0]) == 0:
             raise NotFound("no such reservation (already settled or expired)")
         return int(result[1])
@@ -327,26 +363,50 @@ class Limiter:
                                  window_start=int(start_ms) / 1000, resets_at=int(end_ms) / 1000))
         return Usage(rows)
 
-    async def _write_back_local_spend(self) -> None:
-        """Add budget spend the fallback committed while Redis was away to the Redis counters."""
-        if self._fallback is None or not self._redis_usable():
-            return
-        items = self._fallback.take_unsynced()
-        if not items:
-            return
-        keys = [budget_key(self._prefix, scope, scope_id, period, window_id)
-                for (scope, scope_id, period, window_id), _, _ in items]
-        args: list[Any] = [amount for _, amount, _ in items] + [end_ms for _, _, end_ms in items]
-        try:
-            await self._call(lambda: self._add_spend(keys=keys, args=args), None)
-        except _RedisDown as exc:
-            self._fallback.restore_unsynced(items)
-            self._mark_down(exc)
-            return
-        except BaseException:
-            self._fallback.restore_unsynced(items)
-            raise
-        log.info("wrote back budget spend of %d windows committed while redis was unavailable", len(items))
+    async def _write_back_local(self, fallback: LocalLimiter, deadline: Deadline | None) -> None:
+        """Write what the fallback admitted while Redis was away to Redis: bucket draws, then budget spend.
+
+        Each is taken from the fallback and put back if its write fails, so it is written once
+        (twice if a write ran but its reply was lost: overcharged, never undercharged). Raises
+        _RedisDown (after putting it back) when Redis is still away.
+        """
+        async with self._write_back_lock:
+            if not self._redis_usable():
+                # The write-back this one waited for found Redis still away: no second timeout.
+                raise _RedisDown("unavailable")
+            await self._write_back_draws(fallback, deadline)
+            await self._write_back_spend(fallback, deadline)
+
+    async def _write_back_draws(self, fallback: LocalLimiter, deadline: Deadline | None) -> None:
+        items = fallback.take_unsynced_draws()
+        for start in range(0, len(items), _WRITE_BACK_BATCH):
+            batch = items[start:start + _WRITE_BACK_BATCH]
+            keys = [bucket_key(self._prefix, *item.identity) for item in batch]
+            args: list[Any] = []
+            for item in batch:
+                args += [item.limit, item.period_ms, item.amount]
+            try:
+                await self._call(functools.partial(self._draw, keys=keys, args=args), deadline)
+            except BaseException:
+                fallback.restore_unsynced_draws(items[start:])
+                raise
+        if items:
+            log.info("wrote back the local admissions of %d buckets made while redis was unavailable", len(items))
+
+    async def _write_back_spend(self, fallback: LocalLimiter, deadline: Deadline | None) -> None:
+        items = fallback.take_unsynced()
+        for start in range(0, len(items), _WRITE_BACK_BATCH):
+            batch = items[start:start + _WRITE_BACK_BATCH]
+            keys = [budget_key(self._prefix, scope, scope_id, period, window_id)
+                    for (scope, scope_id, period, window_id), _, _ in batch]
+            args: list[Any] = [amount for _, amount, _ in batch] + [end_ms for _, _, end_ms in batch]
+            try:
+                await self._call(functools.partial(self._add_spend, keys=keys, args=args), deadline)
+            except BaseException:
+                fallback.restore_unsynced(items[start:])
+                raise
+        if items:
+            log.info("wrote back budget spend of %d windows committed while redis was unavailable", len(items))
 
     async def _call(self, fn: Callable[[], Awaitable[T]], deadline: Deadline | None) -> T:
         """One Redis round trip, bounded by our own timeout and the caller's deadline."""

@@ -409,6 +409,31 @@ end
 return n
 """
 
+# KEYS: buckets. ARGV: per bucket its capacity, period ms and amount (decimal string; negative
+# gives back). Applies what the local fallback admitted (and refunded) while Redis was away.
+# A draw never refuses and stops at zero (a level commits took below zero stays where it is): an
+# outage's worth of local admissions must not lock a key out for periods to come. Returns n.
+_DRAW_BODY = """
+local n = #KEYS
+local vals = redis.call('MGET', unpack(KEYS))
+local now = now_ms()
+for i = 1, n do
+  local o = (i - 1) * 3
+  local cap, per, amount = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
+  if amount < 0 then
+    adjust(KEYS[i], vals[i], -amount, cap, per, now)
+  elseif amount > 0 then
+    if vals[i] then
+      local c, p = string.match(vals[i], '^%S+ %S+ (%S+) (%S+)$')
+      cap, per = tonumber(c), tonumber(p)
+    end
+    local tokens = level(vals[i], cap, per, now)
+    store(KEYS[i], math.min(tokens, math.max(0, tokens - amount)), cap, per, now)
+  end
+end
+return n
+"""
+
 
 @dataclass(frozen=True)
 class Scripts:
@@ -420,13 +445,14 @@ class Scripts:
     usage: str
     reconcile: str
     add_spend: str
+    draw: str
 
 
 def build(clock: str = REDIS_CLOCK) -> Scripts:
     prelude = _CONSTANTS + clock + _FUNCTIONS
     return Scripts(reserve=prelude + _RESERVE_BODY, settle=prelude + _SETTLE_BODY, sweep=prelude + _SWEEP_BODY,
                    usage=prelude + _USAGE_BODY, reconcile=prelude + _RECONCILE_BODY,
-                   add_spend=prelude + _ADD_SPEND_BODY)
+                   add_spend=prelude + _ADD_SPEND_BODY, draw=prelude + _DRAW_BODY)
 
 
 SCRIPTS = build()

@@ -354,3 +354,32 @@ async def test_concurrent_calls_share_a_bounded_set_of_connections(make_limiter:
     assert limiter._connections._made <= 32  # private, but the cap is the point of this test
     await asyncio.gather(*(limiter.commit(r.reservation_id, 5) for r in results))
     assert await remaining(limiter, SUBJECT, Scope.KEY, Kind.TOKENS_PER_MINUTE) >= 1_000_000 - 1_000
+
+
+async def test_draw_script_never_refuses_stops_at_zero_and_gives_back(redis_client: aioredis.Redis,
+                                                                      redis_prefix: str) -> None:
+    # The write-back of the fallback's admissions (Limiter._write_back_draws), on a clock the test sets.
+    from services.ratelimit import lua
+
+    clock = f"{redis_prefix}clock"
+    await redis_client.set(clock, 1_700_000_000_000)
+    draw = redis_client.register_script(lua.build(lua.key_clock(clock)).draw)
+    fresh, low, negative, full = (f"{redis_prefix}rl:tb:key:{k}:rpm" for k in ("fresh", "low", "negative", "full"))
+    await redis_client.set(low, "3 1700000000000 10 60000")
+    await redis_client.set(negative, "-5 1700000000000 10 60000")
+
+    async def level(key: str) -> float | None:
+        raw = await redis_client.get(key)
+        return None if raw is None else float(raw.split()[0])
+
+    # A missing bucket is full (capacity 10): 4 drawn leaves 6; 7 from 3 stops at 0; a level commits
+    # took below zero stays; a refund to a missing (full) bucket is a no-op.
+    assert await draw(keys=[fresh, low, negative, full], args=[10, 60_000, 4, 10, 60_000, 7, 10, 60_000, 2,
+                                                               10, 60_000, -3]) == 4
+    assert [await level(k) for k in (fresh, low, negative, full)] == [6, 0, -5, None]
+    assert 0 < await redis_client.pttl(low) <= 60_000 + 1000  # expires once full again
+    # 30 s later: refilled by 5; a refund is capped at the capacity, the stored one (20) winning.
+    await redis_client.set(clock, 1_700_000_030_000)
+    await redis_client.set(full, "0 1700000030000 20 60000")
+    await draw(keys=[low, full], args=[10, 60_000, -100, 10, 60_000, -7])
+    assert [await level(low), await level(full)] == [10, 7]
