@@ -119,12 +119,16 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
                                            failure_max_sources=settings.auth_failure_max_sources))
 
     margin, side_cap = settings.hop_margin_s, settings.side_call_timeout_s
-    trip = settings.breaker_timeout_trip
-    cache_ds = Downstream("cache", settings.cache_target, breaker=Breaker("cache", timeout_trip=trip),
-                          margin_s=margin, cap_s=side_cap)
-    retrieval_ds = Downstream("retrieval", settings.retrieval_target, breaker=Breaker("retrieval", timeout_trip=trip),
+    trip, side_reset = settings.breaker_timeout_trip, settings.side_breaker_reset_timeout_s
+
+    def side_breaker(name: str) -> Breaker:
+        return Breaker(name, timeout_trip=trip, reset_timeout_s=side_reset)
+
+    cache_ds = Downstream("cache", settings.cache_target, breaker=side_breaker("cache"), margin_s=margin,
+                          cap_s=side_cap)
+    retrieval_ds = Downstream("retrieval", settings.retrieval_target, breaker=side_breaker("retrieval"),
                               margin_s=margin, cap_s=settings.retrieval_timeout_s)
-    ratelimit_ds = Downstream("ratelimit", settings.ratelimit_target, breaker=Breaker("ratelimit", timeout_trip=trip),
+    ratelimit_ds = Downstream("ratelimit", settings.ratelimit_target, breaker=side_breaker("ratelimit"),
                               margin_s=margin, cap_s=side_cap)
     inference = GrpcInferenceClient(margin_s=settings.hop_margin_s, cap_s=settings.max_timeout_s,
                                     fail_max=settings.breaker_fail_max,

@@ -76,6 +76,10 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     # Every breaker (cache, ratelimit, retrieval, each inference replica) also opens on this many consecutive
     # timeouts of the hop's own cap (a hung dependency): within about N x the cap (3 x 0.5 s for side calls).
     breaker_timeout_trip: int = Field(3, gt=0)
+    # The cache, ratelimit and retrieval breakers probe again this soon after opening. A probe is one request's
+    # side call (at most its hop cap, and a refused connection fails at once), and every second longer is a
+    # second of skipped cache, of the local limiter, of answers without retrieval after the service is back.
+    side_breaker_reset_timeout_s: float = Field(1.0, gt=0)
     # An inference replica that sends no first token within `inference_first_token_timeout_s`, or goes silent
     # for `inference_stall_timeout_s` between tokens, is cancelled and counted as a fault; before any token
     # reached the client the request fails over to the next candidate, after that it ends UNAVAILABLE.

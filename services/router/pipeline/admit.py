@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from libs.chat import TokenUsage
 from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, QuotaExceeded, Unavailable
+from libs.log_throttle import ThrottledLog
 from services.router.pipeline.degradation import DegradationController, Level
 from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import RateLimitClient
@@ -46,6 +47,8 @@ class AdmitStage:
     def __init__(self, ratelimit: RateLimitClient, *, default_max_output_tokens: int, side_timeout_s: float,
                  degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
                  local: LocalLimiter | None = None):
+        # One line per outcome and reason per 10 s while the limiter is away (the ledger marks each request).
+        self._throttled = ThrottledLog(log)
         self._ratelimit = ratelimit
         self._local = local
         self._default_max_output = default_max_output_tokens
@@ -92,15 +95,20 @@ class AdmitStage:
     def _admit_locally(self, state: RequestState, tokens: int, cost: int, why: str) -> None:
         """The ratelimit service did not answer: this router's share decides (raises QuotaExceeded)."""
         if self._local is None:
-            log.warning("ratelimit unavailable (%s): admitting request %s unreserved", why, state.request_id)
+            self._throttled.warning(f"unreserved:{why}", "ratelimit unavailable (%s): admitting request %s unreserved",
+                                    why, state.request_id)
             state.degrade("ratelimit_unavailable", "admitted without a limit check (limiter unreachable)")
             return
         try:
             state.local_hold = self._local.admit(state.key.principal, tokens, cost)
         except QuotaExceeded:
-            log.info("ratelimit unavailable (%s): request %s refused by the local limiter", why, state.request_id)
+            self._throttled.log(logging.INFO, f"refused:{why}",
+                                "ratelimit unavailable (%s): request %s refused by the local limiter", why,
+                                state.request_id)
             raise
-        log.warning("ratelimit unavailable (%s): request %s admitted by the local limiter", why, state.request_id)
+        self._throttled.warning(f"admitted:{why}",
+                                "ratelimit unavailable (%s): request %s admitted by the local limiter", why,
+                                state.request_id)
         state.degrade("ratelimit_unavailable", "admitted by this router's local limiter (limiter unreachable)")
 
     def require_probe(self) -> None:
