@@ -13,9 +13,9 @@ DeadlineExceeded, its breaker open), this router's local limiter (``local_limits
 within this router's share of every limit and counting what this router admitted in the current windows;
 a request it admits is marked degraded ``ratelimit_unavailable``. Without a local limiter (tests), the
 request is admitted unreserved, marked. What the local limiter admitted is charged to the ratelimit service
-once it answers again (``local_charges.py``): while charges are queued, the reservation first waits for
-them to be delivered (within the same leash) and admits locally until they are, so the service never
-admits from buckets that do not know yet what this router admitted alone.
+once it answers again (``local_charges.py``): while charges are queued or on their way, admission starts
+their delivery and admits locally, so the service never admits from buckets that do not know yet what this
+router admitted alone.
 """
 
 from __future__ import annotations
@@ -82,12 +82,12 @@ class AdmitStage:
         max_out = cmd.params.max_output_tokens or self._default_max_output
         estimate = TokenUsage(state.prompt_tokens(), max_out)
         cost = state.price.cost(estimate)
-        leash = deadline.within(self._side_timeout_s)
         try:
             if self._charges is not None:
-                await self._charges.deliver(leash)
+                self._charges.require_delivered()
             state.reservation = await self._ratelimit.reserve(
-                state.key.principal, cmd.client_ip, state.request_id, estimate.total, cost, leash)
+                state.key.principal, cmd.client_ip, state.request_id, estimate.total, cost,
+                deadline.within(self._side_timeout_s))
         except (Unavailable, DeadlineExceeded) as exc:
             self._admit_locally(state, estimate.total, cost, exc.reason)
             return

@@ -5,23 +5,28 @@ share, and the service's token buckets, knowing nothing of it, refill. So every 
 admitted and accounting settled as served (``account.py``; a released one cost nothing) is queued here with
 its actual usage: one request, its tokens and cost, when it started, under its request id. A **drain** sends
 them with ``RateLimitService.Charge``, which draws them from every bucket of the subject without refusing
-(stopping at zero) and commits the cost to its budgets, once per request id. Admission waits for the drain
-(:meth:`LocalCharges.deliver`, within its side-call leash) before it reserves with the service again, and
-admits locally while the charges are not delivered: the service admits nothing more until its buckets
-include what this router admitted alone (``local_limits.py`` states the bound).
+(stopping at zero) and commits the cost to its budgets, once per request id. Admission reserves with the
+service again only when none is queued or on its way (:meth:`LocalCharges.require_delivered`): until then it
+starts a pass and admits locally at once (no request waits for the backlog), so the service admits nothing
+more until its buckets include what this router admitted alone (``local_limits.py`` states the bound).
 
 Delivery: a pass sends the oldest charge alone (with the breaker half-open it is the probe), then up to
 ``concurrency`` at a time, each with ``call_timeout_s``; the first failure (unavailable, timed out, breaker
 open) ends the pass, and what was not delivered stays queued, in order, for the next one. Requests that find
-charges queued start a pass (one at a time, shared by everyone waiting), and :meth:`run_forever` starts one
-every ``retry_s`` while any are queued, so they are delivered with no traffic too. A charge the service
+charges queued start a pass (one at a time), and :meth:`run_forever` starts one every ``retry_s`` while any
+are queued, so they are delivered with no traffic too. A charge the service
 refuses for good (invalid) is dropped and logged. Exactly once per request id: a charge leaves the queue only
 when the service answered it, and one whose answer was lost is sent again and answered ``replayed`` (the
 service keeps the id a day).
 
 Bounded: at most ``max_pending`` queued; past it the oldest are dropped (their windows end first), and the
-count dropped is logged, once per ``log_every_s``. Not covered: charges still queued when the router exits
-(:meth:`aclose` tries once more, briefly, and logs how many it leaves). No I/O but through the port.
+count dropped is logged, once per ``log_every_s``. A pass delivers a few thousand charges a second (one
+Charge each, ``concurrency`` at a time): a backlog keeps admission local for as long, and a router whose
+local admissions outpaced that would stay local (its share still bounding it). Not covered: charges still
+queued when the router exits (:meth:`aclose` tries once more, briefly, and logs how many it leaves); a
+ratelimit service without ``Charge`` (an older version: UNIMPLEMENTED, a backend error) never takes them, so
+the router stays on its local limiter until the service is upgraded (deploy the ratelimit service first).
+No I/O but through the port.
 """
 
 from __future__ import annotations
@@ -102,9 +107,19 @@ class LocalCharges:
         self._drain = asyncio.get_running_loop().create_task(self._pass(), name="local-charges")
         return self._drain
 
-    async def deliver(self, deadline: Deadline) -> None:
-        """Before admission reserves with the service: deliver what is queued (a pass shared with concurrent
-        callers). Raises Unavailable when the service did not take it all, or the pass outlasts ``deadline``."""
+    def require_delivered(self) -> None:
+        """Before admission reserves with the service: raises Unavailable (``CHARGES_PENDING``) while charges are
+        queued or on their way, after starting a pass to deliver them (admission then admits locally, at once:
+        no request waits for the backlog); returns when there are none."""
+        if not self._queue and not self.draining:
+            return
+        self.kick()
+        raise Unavailable("charges for local admissions are not yet delivered to the ratelimit service",
+                          reason="CHARGES_PENDING")
+
+    async def flush(self, deadline: Deadline) -> None:
+        """Deliver what is queued and wait for it (a pass shared with whoever else waits). Raises Unavailable
+        when the service did not take it all, or the pass outlasts ``deadline``."""
         task = self.kick()
         if task is None:
             return
@@ -114,16 +129,11 @@ class LocalCharges:
         except TimeoutError:
             raise Unavailable("charges for local admissions are still on their way to the ratelimit service",
                               reason="CHARGES_PENDING") from None
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and (current is None or not current.cancelling()):
-                # The pass was stopped (shutdown), not this caller: the charges are simply not delivered.
-                raise Unavailable("charges for local admissions not delivered (shutting down)",
-                                  reason="CHARGES_UNDELIVERED") from None
-            raise
         if not delivered:
             raise Unavailable("the ratelimit service did not take the charges for local admissions",
                               reason="CHARGES_UNDELIVERED")
+        if self._queue:
+            await self.flush(deadline)  # queued while the pass ran its last batch
 
     async def _pass(self) -> bool:
         """Send what is queued, oldest first; False when a charge could not be delivered (it stays queued)."""
@@ -180,15 +190,12 @@ class LocalCharges:
 
     async def aclose(self, timeout_s: float = 2.0) -> None:
         """Shutdown: one more bounded pass, then log what is left undelivered (lost with this process)."""
-        task = self.kick()
-        if task is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await asyncio.shield(task)
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        with contextlib.suppress(Unavailable):
+            await self.flush(Deadline.after(timeout_s))
+        if self._drain is not None and not self._drain.done():
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
         self._report_drops()
         if self._queue:
             log.error("%d charges for local admissions not delivered to the ratelimit service at shutdown",

@@ -27,8 +27,8 @@ worst one extra L. The windows are counted conservatively (one slot more than th
 
 Switch-back: every request admitted here and served is charged to the ratelimit service
 (``local_charges.py``: ``RateLimitService.Charge``, drawn from its buckets without refusing, stopping
-at zero, the cost committed to its budgets, once per request id), and admission delivers the queued
-charges before it reserves with the service again (admitting here until they are delivered). So when
+at zero, the cost committed to its budgets, once per request id), and admission reserves with the
+service again only once the queued charges are delivered (admitting here until then). So when
 the service returns its buckets already hold this router's local admissions, not a fresh bucket: in
 any window W of a limit L spanning the switch-back, with one router,
 

@@ -181,7 +181,7 @@ async def test_the_service_is_charged_for_local_admissions_and_gives_no_fresh_bu
         for _ in range(100):
             try:
                 if charges is not None:
-                    await charges.deliver(Deadline.after(1))
+                    await charges.flush(Deadline.after(1))
                 else:
                     await client.commit("0123456789abcdef", 0, 0, Deadline.after(1))
                 break

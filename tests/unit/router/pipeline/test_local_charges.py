@@ -125,7 +125,8 @@ async def test_a_request_admitted_locally_is_queued_with_its_actual_usage_once_s
 
     # A request the service reserved is the service's already: recorded locally, never charged.
     service.up = True
-    await charges.deliver(_leash())
+    await charges.flush(_leash())
+    assert list(service.applied) == ["req-served"]
     reserved = _served(await _admitted(admit, "req-reserved"))
     assert reserved.reservation is not None and reserved.local_hold is not None and not reserved.local_hold.local
     account.settle_later(reserved)
@@ -149,18 +150,18 @@ async def test_nothing_is_delivered_while_the_service_is_away_and_everything_onc
     for i in range(20):
         charges.add(_charge(f"r{i}"))
     with pytest.raises(Unavailable) as err:
-        await charges.deliver(_leash())
+        await charges.flush(_leash())
     assert err.value.reason == "CHARGES_UNDELIVERED"
     assert len(charges) == 20 and service.applied == {}
     assert service.sent == ["r0"]  # the oldest alone first: the probe; the pass ends at the first failure
 
     service.up = True
     service.sent.clear()
-    await charges.deliver(_leash())
+    await charges.flush(_leash())
     assert len(charges) == 0 and charges.delivered == 20
     assert list(service.applied) == [f"r{i}" for i in range(20)]  # oldest first
     assert sorted(service.sent) == sorted(f"r{i}" for i in range(20))  # each sent once
-    await charges.deliver(_leash())  # nothing queued: returns at once, sends nothing
+    await charges.flush(_leash())  # nothing queued: returns at once, sends nothing
     assert len(service.sent) == 20
 
 
@@ -171,11 +172,11 @@ async def test_a_failure_midway_keeps_the_rest_in_order_for_the_next_pass() -> N
     for i in range(8):
         charges.add(_charge(f"r{i}"))
     with pytest.raises(Unavailable):
-        await charges.deliver(_leash())
+        await charges.flush(_leash())
     assert list(service.applied) == ["r0", "r1", "r2"]
     assert [c.request_id for c in charges._queue] == [f"r{i}" for i in range(3, 8)]
     service.up, service.fail_after = True, None
-    await charges.deliver(_leash())
+    await charges.flush(_leash())
     assert list(service.applied) == [f"r{i}" for i in range(8)] and len(charges) == 0
 
 
@@ -186,9 +187,9 @@ async def test_a_lost_reply_is_sent_again_and_drawn_once() -> None:
     for i in range(3):
         charges.add(_charge(f"r{i}"))
     with pytest.raises(Unavailable):
-        await charges.deliver(_leash())
+        await charges.flush(_leash())
     assert [c.request_id for c in charges._queue] == ["r1"]  # applied, but not known to be: kept
-    await charges.deliver(_leash())
+    await charges.flush(_leash())
     assert service.sent.count("r1") == 2 and len(charges) == 0 and charges.delivered == 3
     assert list(service.applied) == ["r0", "r1", "r2"]  # the service drew it once (the replay is a no-op)
 
@@ -200,7 +201,7 @@ async def test_a_charge_refused_for_good_is_dropped_and_logged(caplog: pytest.Lo
     for rid in ("a", "bad", "b"):
         charges.add(_charge(rid))
     with caplog.at_level(logging.ERROR):
-        await charges.deliver(_leash())
+        await charges.flush(_leash())
     assert len(charges) == 0 and charges.rejected == 1 and list(service.applied) == ["a", "b"]
     assert any("bad" in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
 
@@ -254,41 +255,47 @@ async def test_aclose_tries_once_more_and_reports_what_is_left(caplog: pytest.Lo
     assert list(service.applied) == ["r0"]
 
 
-# --- admission waits for the charges -----------------------------------------------------------------------------
+# --- admission: no reservation while charges are undelivered ------------------------------------------------------
 
-async def test_admission_delivers_queued_charges_before_it_reserves_again() -> None:
+async def test_admission_stays_local_until_the_charges_are_delivered_then_reserves_again() -> None:
     service = FakeService()
     local, charges = _limits(), LocalCharges(service)
     admit = AdmitStage(service, default_max_output_tokens=100, side_timeout_s=0.25, local=local, charges=charges)
     for i in range(3):
         charges.add(_charge(f"local-{i}"))
-    results = await asyncio.gather(*(_admitted(admit, f"req-{i}") for i in range(4)))
+    # Queued: admitted locally at once (no waiting on the backlog), and a pass is started.
+    state = await _admitted(admit, "req-0")
+    assert state.reservation is None and state.degraded == ["ratelimit_unavailable"] and charges.draining
+    assert service.events == []
+    await charges.flush(_leash())
+    results = await asyncio.gather(*(_admitted(admit, f"req-{i}") for i in range(1, 4)))
     assert all(s.reservation is not None for s in results)
-    # Every charge reached the service before any reservation (concurrent requests share one pass).
+    # Every charge reached the service before any reservation, each once.
     first_reserve = next(i for i, e in enumerate(service.events) if e.startswith("reserve"))
     assert sorted(service.events[:first_reserve]) == [f"charge:local-{i}" for i in range(3)]
-    assert service.sent.count("local-0") == 1
+    assert all(service.sent.count(f"local-{i}") == 1 for i in range(3))
 
 
-async def test_while_the_charges_are_undelivered_admission_stays_local() -> None:
+async def test_while_the_service_is_away_no_reserve_is_tried_and_a_pass_starts_per_request() -> None:
     service = FakeService(up=False)
     local, charges = _limits(), LocalCharges(service)
     admit = AdmitStage(service, default_max_output_tokens=100, side_timeout_s=0.25, local=local, charges=charges)
     charges.add(_charge("local-0"))
-    state = await _admitted(admit, "req-1")
-    assert state.reservation is None and state.degraded == ["ratelimit_unavailable"]
-    assert service.events == []  # no reserve was tried: the charge's failure answered for the service
+    for i in range(3):
+        state = await _admitted(admit, f"req-{i}")
+        assert state.reservation is None and state.degraded == ["ratelimit_unavailable"]
+        while charges.draining:  # the pass it started runs (and fails: the breaker is open)
+            await asyncio.sleep(0)
+    assert service.events == [] and service.sent == ["local-0"] * 3 and len(charges) == 1
 
-    # A hung service: the request waits no longer than its leash, then admits locally; the pass goes on.
-    service.up, service.hang = True, 0.4
-    state = await _admitted(admit, "req-2")
-    assert state.reservation is None and state.degraded == ["ratelimit_unavailable"]
-    assert charges.draining
+    # A hung service: requests do not wait for the pass (admitted locally at once); one pass at a time.
+    service.up, service.hang = True, 0.2
+    states = await asyncio.gather(*(_admitted(admit, f"req-h{i}") for i in range(3)))
+    assert all(s.reservation is None for s in states) and charges.draining
     service.hang = 0.0
-    await asyncio.sleep(0.45)
-    assert len(charges) == 0 and list(service.applied) == ["local-0"]
-    state = await _admitted(admit, "req-3")
-    assert state.reservation is not None
+    await charges.flush(_leash())
+    assert len(charges) == 0 and list(service.applied) == ["local-0"] and service.sent.count("local-0") == 4
+    assert (await _admitted(admit, "req-3")).reservation is not None
 
 
 @pytest.mark.parametrize("error", [Unavailable("x"), InvalidArgument([], "x")])
@@ -301,8 +308,8 @@ async def test_errors_are_classified(error: TollgateError) -> None:
     charges.add(_charge("r0"))
     if isinstance(error, Unavailable):
         with pytest.raises(Unavailable):
-            await charges.deliver(_leash())
+            await charges.flush(_leash())
         assert len(charges) == 1
     else:
-        await charges.deliver(_leash())
+        await charges.flush(_leash())
         assert len(charges) == 0 and charges.rejected == 1
