@@ -60,6 +60,14 @@ budget per window. Spend committed locally is written back to Redis when it retu
 
 Reservations made here are known only to this process: settling one on another replica answers
 NotFound, and either way it is refunded by this process's sweep when it expires.
+
+Charges (usage the router admitted without the service, ``Limiter.charge``) taken here while Redis is
+away are drawn from the local buckets without refusing and owed to Redis like a local admission,
+their cost committed locally and written back with the spend; a charge id is remembered here for a
+day (``MAX_CHARGE_IDS`` at most), so a replay to this process draws nothing. Not covered: a replay
+that reaches Redis, or another replica, after this process took the charge is drawn again
+(overcharged, never under). Charges Redis takes are mirrored into the local buckets
+(``shadow_charge``), as reservations are.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -75,6 +84,7 @@ from libs.errors import NotFound
 from services.ratelimit.buckets import Bucket, Reservation, UsageRow, quota_exceeded, usage_row
 from services.ratelimit.budgets import (
     PREFER_CHEAPER_PCT,
+    WINDOW_KEEP_MS,
     BudgetFailure,
     BudgetLine,
     Window,
@@ -93,6 +103,9 @@ BudgetWindowId = tuple[Scope, str, Period, str]
 MAX_SHADOW_BUCKETS = 200_000
 # Shadows and buckets a sweep looks at, each (a millisecond or two of work).
 SWEEP_BATCH = 2_000
+# Charge ids taken here remembered at most (the oldest are forgotten first), and for how long.
+MAX_CHARGE_IDS = 100_000
+CHARGE_ID_TTL_S = 86_400.0
 
 
 @dataclass(slots=True)
@@ -213,6 +226,8 @@ class LocalLimiter:
         # Net local draws per bucket not yet written back to Redis.
         self._owed: dict[_Identity, _Owed] = {}
         self._spend_unsynced = False
+        # Charge ids taken here -> when they may be forgotten (monotonic), oldest first.
+        self._charged: OrderedDict[str, float] = OrderedDict()
         self._shadow_rotation: _Rotation[str] = _Rotation()
         self._bucket_rotation: _Rotation[_Identity] = _Rotation()
 
@@ -315,6 +330,15 @@ class LocalLimiter:
             else:
                 # Ends as if `actual_tokens` had been drawn: what the draw did not take is not given back.
                 self._shadow_give(bucket, drawn - actual_tokens, now)
+
+    def shadow_charge(self, plan: Sequence[ShadowBucket], requests: int, tokens: int, age_s: float) -> None:
+        """Mirror a charge Redis took: draw it from the local buckets, never refusing (buckets whose
+        period has passed since the usage, ``age_s`` ago, are not drawn, as in Redis)."""
+        now = self._clock()
+        for b in plan:
+            amount = tokens if b.counts_tokens else requests
+            if amount > 0 and age_s < b.period_s:
+                self._shadow_draw(b, amount, now)
 
     def _shadow_draw(self, bucket: ShadowBucket, cost: int, now: float) -> float:
         """Draw from a local bucket, stopping at zero (never refusing); returns what was taken."""
@@ -485,6 +509,45 @@ class LocalLimiter:
                 self._spend_unsynced = self._spend_unsynced or actual_cost > 0
         return found.estimated_tokens - actual_tokens if commit else found.estimated_tokens
 
+    def charge(self, buckets: Sequence[Bucket], requests: int, tokens: int, budgets: Sequence[BudgetLine] = (),
+               cost: int = 0, *, used_at_s: float | None = None, request_key: str = "") -> bool:
+        """Take a charge while Redis is away: drawn from the local buckets without refusing (stopping at
+        zero) and owed to Redis, the cost committed to the local budget windows and written back.
+        Buckets whose period has passed since ``used_at_s`` are not drawn. Returns True when
+        ``request_key`` was charged here before (nothing drawn)."""
+        now = self._clock()
+        if request_key and self._charged.get(request_key, 0.0) > now:
+            return True
+        wall = self._wall_clock()
+        at = wall if used_at_s is None else min(wall, used_at_s)
+        for bucket in buckets:
+            amount = tokens if bucket.kind.counts_tokens else requests
+            period_s = float(bucket.kind.period_s)
+            if amount <= 0 or wall - at >= period_s:
+                continue
+            capacity = self.capacity(bucket.limit)
+            state = self._buckets.get(bucket.identity)
+            level = float(capacity) if state is None else min(float(capacity), state.level(now))
+            self._buckets[bucket.identity] = _LocalBucket(min(level, max(0.0, level - amount)), now, capacity,
+                                                          period_s)
+            self._owe(_Debit(bucket.identity, amount, bucket.kind.counts_tokens, capacity, period_s, bucket.limit),
+                      amount)
+        wall_ms = int(wall * 1000)
+        for line in budgets if cost else ():
+            window = window_at(line.period, int(at * 1000))
+            if window.end_ms + WINDOW_KEEP_MS <= wall_ms:
+                continue  # Redis no longer keeps that window either
+            state_b = self._budgets.setdefault((*line.identity, window.window_id), _LocalBudget(window.end_ms))
+            state_b.used += cost
+            state_b.unsynced += cost
+            self._spend_unsynced = True
+        if request_key:
+            self._charged[request_key] = now + CHARGE_ID_TTL_S
+            self._charged.move_to_end(request_key)
+            while len(self._charged) > MAX_CHARGE_IDS:
+                self._charged.popitem(last=False)
+        return False
+
     def commit(self, reservation_id: str, actual_tokens: int, actual_cost: int = 0) -> int:
         return self._settle(self._take(reservation_id), commit=True, actual_tokens=actual_tokens,
                             actual_cost=actual_cost)
@@ -533,6 +596,9 @@ class LocalLimiter:
             del self._budgets[wid]
         for wid in [w for w, (_, end_ms) in self._seen.items() if end_ms <= now_ms]:
             del self._seen[wid]
+        # Oldest first (one TTL for all): stop at the first that is still remembered.
+        while self._charged and next(iter(self._charged.values())) <= now:
+            self._charged.popitem(last=False)
         return len(expired)
 
     @property

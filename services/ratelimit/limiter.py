@@ -19,6 +19,11 @@ there); settling a Redis reservation then fails with Unavailable, and the reserv
 refunded when it expires. What Redis admits is mirrored into the fallback's buckets, so that
 they go on from what was spent; what the fallback admitted (bucket draws and budget spend) is
 written back when Redis returns, before this process reserves there again.
+
+``charge`` takes usage admitted without this service (the router's local limiter while this
+service was unreachable): drawn from every bucket without refusing, its cost committed to the
+budgets, once per (key, charge id); while Redis is down the fallback takes it the same way and
+writes it back with its own admissions.
 """
 
 from __future__ import annotations
@@ -98,6 +103,14 @@ class _Plan:
 
 
 @dataclass(frozen=True)
+class Charged:
+    """The outcome of a charge."""
+
+    replayed: bool = False  # this charge id was charged before: nothing was drawn this time
+    degraded: bool = False  # the local fallback took it (Redis unavailable)
+
+
+@dataclass(frozen=True)
 class SpendReconciliation:
     """A budget window's committed spend before and after reconciling with the ledger."""
 
@@ -138,6 +151,7 @@ class Limiter:
         self._connections = Connections(redis)
         self._reserve = PackedScript(redis, self._connections, scripts.reserve)
         self._settle = PackedScript(redis, self._connections, scripts.settle)
+        self._charge = PackedScript(redis, self._connections, scripts.charge)
         self._sweep = redis.register_script(scripts.sweep)
         self._usage = redis.register_script(scripts.usage)
         self._reconcile = redis.register_script(scripts.reconcile)
@@ -202,6 +216,35 @@ class Limiter:
             self._local_reservations().release(reservation_id)
             return
         await self._settle_redis(reservation_id, "release", 0, 0, deadline)
+
+    async def charge(self, subject: Subject, charge_id: str, *, requests: int, tokens: int, cost_nano_usd: int = 0,
+                     used_at_s: float | None = None, deadline: Deadline | None = None) -> Charged:
+        """Charge usage admitted without this service: ``requests`` from the request buckets, ``tokens``
+        from the token buckets, never refusing (a bucket stops at zero), and the cost to the committed
+        spend of every budget window holding ``used_at_s`` (Unix seconds; None: now), with alerts, as a
+        commit would. A bucket whose refill period has passed since ``used_at_s`` is not drawn.
+
+        Idempotent per (key, ``charge_id``) for a day: a replay is answered ``replayed`` and draws nothing.
+        """
+        if not charge_id:
+            raise InvalidArgument([FieldViolation("charge_id", "is required")])
+        if requests < 0 or tokens < 0:
+            raise InvalidArgument([FieldViolation("requests" if requests < 0 else "tokens", "must not be negative")])
+        _check_amount("cost_nano_usd", cost_nano_usd)
+        plan = self._plan(subject)
+        request_key = f"{subject.key_id}:{charge_id}"
+        if self._redis_usable():
+            try:
+                if self._fallback is not None and (self._fallback.unsynced or self._write_back_lock.locked()):
+                    await self._write_back_local(self._fallback, deadline)
+                replayed = await self._call(lambda: self._charge_redis(
+                    plan, request_key, requests, tokens, cost_nano_usd, used_at_s), deadline)
+                return Charged(replayed=replayed)
+            except _RedisDown as exc:
+                self._mark_down(exc)
+        replayed = self._require_fallback().charge(plan.buckets, requests, tokens, plan.lines, cost_nano_usd,
+                                                   used_at_s=used_at_s, request_key=request_key)
+        return Charged(replayed=replayed, degraded=True)
 
     async def usage(self, subject: Subject, *, deadline: Deadline | None = None) -> Usage:
         """Limit, used and remaining for every limited level and kind of the subject, then its
@@ -322,6 +365,20 @@ class Limiter:
             budget_failures.append(BudgetFailure(line, int(used), window_from_id(line.period, _text(window_id))))
         raise quota_exceeded(buckets, failed, int(result[1]) / 1000, estimated_tokens, budget_failures,
                              estimated_cost)
+
+    async def _charge_redis(self, plan: _Plan, request_key: str, requests: int, tokens: int, cost: int,
+                            used_at_s: float | None) -> bool:
+        """Run the charge script; True when the charge id was charged before (nothing drawn)."""
+        keys = [f"{self._prefix}rl:c:{request_key}", self.alerts_stream]
+        at = "now" if used_at_s is None else str(int(used_at_s * 1000))
+        args = [len(plan.buckets), len(plan.lines), requests, tokens, cost, at, lua.RECORD_GRACE_MS]
+        parts = [plan.keys, *(bulk(k.encode()) for k in keys), *(bulk(str(a).encode()) for a in args), plan.args]
+        result = await self._charge(len(plan.buckets) + len(keys), len(args) + plan.n_args, parts)
+        replayed = int(result) == 0
+        if self._fallback is not None and not replayed:
+            age_s = 0.0 if used_at_s is None else max(0.0, time.time() - used_at_s)
+            self._fallback.shadow_charge(plan.shadow, requests, tokens, age_s)
+        return replayed
 
     async def _settle_redis(self, reservation_id: str, mode: str, actual_tokens: int, actual_cost: int,
                             deadline: Deadline | None) -> int:

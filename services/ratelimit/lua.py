@@ -19,7 +19,8 @@ format costs a fraction of cjson, which was the largest single cost of a reserve
 <counts_tokens>``, then per budget ``m <key> <estimated cost> <limit> <d|m> <window id> <window
 end ms> <scope> <scope id>`` (the scope id last: it is empty for global). A sorted set scores
 reservation ids by expiry for the sweep. An optional idempotency key ``{request key} -> "id
-expires advice"`` makes a retried reserve return the same reservation instead of debiting again.
+expires advice"`` makes a retried reserve return the same reservation instead of debiting again;
+``{prefix}rl:c:{key id}:{charge id}`` marks a charge drawn, so a replayed charge draws nothing.
 
 Settle, sweep and reserve touch keys named inside records or computed from the clock, so the
 scripts need a single Redis (or a primary with replicas), not Redis Cluster.
@@ -90,6 +91,17 @@ local function adjust(key, v, delta, cap, per, now)
   local tokens = level(v, cap, per, now) + delta
   if tokens > cap then tokens = cap end
   store(key, tokens, cap, per, now)
+end
+
+-- Take `amount` (> 0) from one bucket without refusing, stopping at zero (a level that charges took
+-- below zero stays where it is). Its current capacity wins, as in `adjust`.
+local function draw(key, v, amount, cap, per, now)
+  if v then
+    local c, p = string.match(v, '^%S+ %S+ (%S+) (%S+)$')
+    cap, per = tonumber(c), tonumber(p)
+  end
+  local tokens = level(v, cap, per, now)
+  store(key, math.min(tokens, math.max(0, tokens - amount)), cap, per, now)
 end
 
 -- Calendar arithmetic (proleptic Gregorian, UTC), after H. Hinnant's days_from_civil/civil_from_days.
@@ -423,15 +435,58 @@ for i = 1, n do
   if amount < 0 then
     adjust(KEYS[i], vals[i], -amount, cap, per, now)
   elseif amount > 0 then
-    if vals[i] then
-      local c, p = string.match(vals[i], '^%S+ %S+ (%S+) (%S+)$')
-      cap, per = tonumber(c), tonumber(p)
-    end
-    local tokens = level(vals[i], cap, per, now)
-    store(KEYS[i], math.min(tokens, math.max(0, tokens - amount)), cap, per, now)
+    draw(KEYS[i], vals[i], amount, cap, per, now)
   end
 end
 return n
+"""
+
+# KEYS[1..n]: buckets; KEYS[n+1]: idempotency key; KEYS[n+2]: budget alert stream.
+# ARGV[1]: n; ARGV[2]: nb (budgets); ARGV[3]: requests; ARGV[4]: tokens; ARGV[5]: cost (nano-USD,
+# decimal string); ARGV[6]: when the usage happened (ms, or 'now'); ARGV[7]: how long the idempotency
+# key lives (ms); then per bucket and per budget the arguments a reserve takes after its own
+# (capacity, period ms, counts_tokens; key base, period, limit, scope, scope id).
+# Charges usage admitted without this service (the router's local limiter): every bucket drawn
+# without refusing, stopping at zero (`draw`), unless its period has passed since the usage; the
+# cost added to the committed spend of the budget windows holding the usage, with alerts, as a
+# commit does. Returns 1, or 0 when the idempotency key was there already (nothing drawn).
+_CHARGE_BODY = """
+local n = tonumber(ARGV[1])
+local nb = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[n + 1]) == 1 then return 0 end
+local now = now_ms()
+local at = now
+if ARGV[6] ~= 'now' then at = math.min(now, tonumber(ARGV[6])) end
+local requests, tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
+local vals = {}
+if n > 0 then vals = redis.call('MGET', unpack(KEYS, 1, n)) end
+for i = 1, n do
+  local o = 7 + (i - 1) * 3
+  local cap, per = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2])
+  local amount = requests
+  if ARGV[o + 3] == '1' then amount = tokens end
+  if amount > 0 and now - at < per then draw(KEYS[i], vals[i], amount, cap, per, now) end
+end
+local cost = ARGV[5]
+if cost ~= '0' then
+  local bo = 7 + n * 3
+  for j = 1, nb do
+    local o = bo + (j - 1) * 5
+    local period = ARGV[o + 2]
+    local id, _, wend = window(period, at)
+    if now < wend + WINDOW_KEEP_MS then
+      local key = ARGV[o + 1] .. id
+      local spent = redis.call('HINCRBY', key, 's', cost)
+      keep_until(key, wend, now)
+      if spent >= threshold(tonumber(ARGV[o + 3]), ALERT_PCTS[1]) then
+        alert(KEYS[n + 2], {k = key, l = ARGV[o + 3], s = ARGV[o + 4], i = ARGV[o + 5], p = period, w = id,
+                            r = wend}, spent, now)
+      end
+    end
+  end
+end
+redis.call('SET', KEYS[n + 1], '1', 'PX', ARGV[7])
+return 1
 """
 
 
@@ -446,13 +501,15 @@ class Scripts:
     reconcile: str
     add_spend: str
     draw: str
+    charge: str
 
 
 def build(clock: str = REDIS_CLOCK) -> Scripts:
     prelude = _CONSTANTS + clock + _FUNCTIONS
     return Scripts(reserve=prelude + _RESERVE_BODY, settle=prelude + _SETTLE_BODY, sweep=prelude + _SWEEP_BODY,
                    usage=prelude + _USAGE_BODY, reconcile=prelude + _RECONCILE_BODY,
-                   add_spend=prelude + _ADD_SPEND_BODY, draw=prelude + _DRAW_BODY)
+                   add_spend=prelude + _ADD_SPEND_BODY, draw=prelude + _DRAW_BODY,
+                   charge=prelude + _CHARGE_BODY)
 
 
 SCRIPTS = build()

@@ -22,6 +22,8 @@ MAX_CLIENT_IP_CHARS = 64
 # ReconcileSpend's window_time: from the epoch up to 2100-01-01 (the window's end must stay a date
 # Python can hold; reconciling a window a century ahead means nothing).
 MAX_WINDOW_TIME_S = 4_102_444_800
+# Requests one Charge may carry (the router sends one per request it admitted itself).
+MAX_CHARGE_REQUESTS = 1_000_000
 _NANOS_PER_S = 1_000_000_000
 
 _SCOPES = {
@@ -66,6 +68,10 @@ def subject_from_proto(msg: ratelimit_pb2.Subject, v: Violations, path: str = "s
         except ValueError:
             v.add(f"{path}.client_ip", "must be an IPv4 or IPv6 address")
     return Subject(org_id=principal.org_id, team_id=principal.team_id, key_id=principal.key_id, client_ip=client_ip)
+
+
+def _time_in_range(ts: timestamp_pb2.Timestamp) -> bool:
+    return 0 <= ts.seconds < MAX_WINDOW_TIME_S and 0 <= ts.nanos < _NANOS_PER_S
 
 
 def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
@@ -168,8 +174,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         v.check(period is not None, "kind", "must be LIMIT_KIND_BUDGET_DAILY_NANO_USD or _MONTHLY_NANO_USD")
         # Checked by hand: Timestamp.ToNanoseconds() raises on nanos outside [0, 1e9) (that was INTERNAL).
         wt = request.window_time
-        v.check(request.HasField("window_time") and 0 <= wt.seconds < MAX_WINDOW_TIME_S
-                and 0 <= wt.nanos < _NANOS_PER_S, "window_time",
+        v.check(request.HasField("window_time") and _time_in_range(wt), "window_time",
                 "is required: any instant inside the window, from 1970 up to 2100 (nanos in [0, 1e9))")
         v.check(0 <= request.ledger_spent_nano_usd <= MAX_NANO_USD, "ledger_spent_nano_usd",
                 f"must be between 0 and {MAX_NANO_USD}")
@@ -183,3 +188,21 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             window_start=_timestamp(result.window_start), resets_at=_timestamp(result.resets_at),
             previous_spent_nano_usd=result.previous_spent, spent_nano_usd=result.spent,
             reserved_nano_usd=result.reserved)
+
+    async def Charge(self, request: ratelimit_pb2.ChargeRequest,
+                     context: grpc.aio.ServicerContext) -> ratelimit_pb2.ChargeResponse:
+        v = Violations()
+        subject = subject_from_proto(request.subject, v)
+        _check_id(v, request.charge_id, "charge_id", required=True)
+        v.check(request.requests <= MAX_CHARGE_REQUESTS, "requests", f"must be at most {MAX_CHARGE_REQUESTS}")
+        v.check(request.tokens <= self._max_estimated_tokens, "tokens", f"must be at most {self._max_estimated_tokens}")
+        v.check(0 <= request.cost_nano_usd <= MAX_NANO_USD, "cost_nano_usd", f"must be between 0 and {MAX_NANO_USD}")
+        used_at_s: float | None = None
+        if request.HasField("used_at"):
+            v.check(_time_in_range(request.used_at), "used_at", "must be from 1970 up to 2100 (nanos in [0, 1e9))")
+            used_at_s = request.used_at.seconds + request.used_at.nanos / _NANOS_PER_S
+        v.raise_if_any()
+        charged = await self._limiter.charge(subject, request.charge_id, requests=int(request.requests),
+                                             tokens=int(request.tokens), cost_nano_usd=request.cost_nano_usd,
+                                             used_at_s=used_at_s, deadline=self._deadline(context))
+        return ratelimit_pb2.ChargeResponse(replayed=charged.replayed, degraded=charged.degraded)

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
 from tollgate.common.v1 import common_pb2
 from tollgate.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -34,7 +34,13 @@ from libs.errors import Unavailable
 from libs.rag_context import ContextChunk
 from services.router import vocabulary as vocab
 from services.router.control.pricing import Price
-from services.router.pipeline.ports import CachedAnswer, CacheNamespace, Reservation
+from services.router.pipeline.ports import CachedAnswer, CacheNamespace, Charge, Reservation
+
+
+def _subject(principal: Principal, client_ip: str) -> ratelimit_pb2.Subject:
+    return ratelimit_pb2.Subject(
+        principal=common_pb2.Principal(org_id=principal.org_id, team_id=principal.team_id, key_id=principal.key_id),
+        client_ip=client_ip)
 
 
 def _cache_key(ns: CacheNamespace, model: str, messages: list[ChatMessage],
@@ -93,11 +99,7 @@ class GrpcRateLimitClient:
     async def reserve(self, principal: Principal, client_ip: str, request_id: str, estimated_tokens: int,
                       estimated_cost_nano_usd: int, deadline: Deadline) -> Reservation:
         req = ratelimit_pb2.ReserveRequest(
-            subject=ratelimit_pb2.Subject(
-                principal=common_pb2.Principal(org_id=principal.org_id, team_id=principal.team_id,
-                                               key_id=principal.key_id),
-                client_ip=client_ip),
-            request_id=request_id, estimated_tokens=estimated_tokens,
+            subject=_subject(principal, client_ip), request_id=request_id, estimated_tokens=estimated_tokens,
             estimated_cost_nano_usd=estimated_cost_nano_usd)
         if self._ttl:
             req.ttl.CopyFrom(duration_pb2.Duration(seconds=int(self._ttl)))
@@ -114,6 +116,14 @@ class GrpcRateLimitClient:
     async def release(self, reservation_id: str, deadline: Deadline) -> None:
         await self._ds.unary(self._stub.Release, ratelimit_pb2.ReleaseRequest(reservation_id=reservation_id),
                              deadline)
+
+    async def charge(self, charge: Charge, deadline: Deadline) -> None:
+        used_at = timestamp_pb2.Timestamp()
+        used_at.FromNanoseconds(int(charge.at * 1e9))
+        await self._ds.unary(self._stub.Charge, ratelimit_pb2.ChargeRequest(
+            subject=_subject(charge.principal, charge.client_ip), charge_id=charge.request_id,
+            requests=charge.requests, tokens=charge.tokens, cost_nano_usd=charge.cost_nano_usd,
+            used_at=used_at), deadline)
 
 
 class _Replica:

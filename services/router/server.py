@@ -42,6 +42,7 @@ from services.router.pipeline.degradation import DegradationController, Degradat
 from services.router.pipeline.failover import RetryPolicy, parse_route_timeouts
 from services.router.pipeline.gateway import Gateway
 from services.router.pipeline.hedging import HedgePolicy, Hedger
+from services.router.pipeline.local_charges import LocalCharges
 from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import AutoRouter
 from services.router.pipeline.shedding import LoadShedder, SheddingPolicy
@@ -148,7 +149,11 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
         pressure=shedder.pressure) if settings.degradation_enabled else None
     stream_key = f"{settings.redis_prefix}{settings.usage_stream}"
     recorder = UsageRecorder(redis_client, stream_key, Path(settings.data_dir) / "spool")
-    gateway = Gateway(registry=registry, cache=GrpcCacheClient(cache_ds), ratelimit=GrpcRateLimitClient(ratelimit_ds),
+    ratelimit = GrpcRateLimitClient(ratelimit_ds)
+    # What the local limiter admits is charged to the ratelimit service when it answers again.
+    charges = LocalCharges(ratelimit, max_pending=settings.local_charge_max_pending, call_timeout_s=side_cap,
+                           retry_s=settings.local_charge_retry_s)
+    gateway = Gateway(registry=registry, cache=GrpcCacheClient(cache_ds), ratelimit=ratelimit,
                       inference=inference, usage=recorder,
                       default_max_output_tokens=settings.default_max_output_tokens,
                       side_call_timeout_s=settings.side_call_timeout_s,
@@ -157,13 +162,14 @@ async def build(settings: RouterSettings, ledger_health: LedgerHealth | None = N
                       degradation=degradation, shedder=shedder, experiments=experiment_book,
                       auto_router=_auto_router(settings),
                       local_limits=LocalLimiter(limit_book, share=settings.local_share),
-                      hedger=_hedger(settings))
+                      hedger=_hedger(settings), local_charges=charges)
 
     background = [asyncio.create_task(registry.refresh_forever(), name="registry-refresh"),
                   asyncio.create_task(recorder.replay_forever(), name="usage-spool-replay"),
                   asyncio.create_task(revocations.listen_forever(auth), name="key-revocations"),
                   asyncio.create_task(experiment_book.refresh_forever(), name="experiments-refresh"),
-                  asyncio.create_task(limit_book.refresh_forever(), name="limits-refresh")]
+                  asyncio.create_task(limit_book.refresh_forever(), name="limits-refresh"),
+                  asyncio.create_task(charges.run_forever(), name="local-charges-retry")]
     if settings.run_ledger_writer:
         writer = LedgerWriter(redis_client, pool, stream_key, consumer=f"{socket.gethostname()}-{os.getpid()}",
                               batch_size=settings.ledger_batch_size, linger_s=settings.ledger_linger_s)

@@ -64,6 +64,11 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     local_limit_default_key_rpm: int = Field(0, ge=0)
     local_limit_default_key_tpm: int = Field(0, ge=0)
     local_limit_default_key_tpd: int = Field(0, ge=0)
+    # What the local limiter admitted is charged to the ratelimit service when it answers again
+    # (pipeline/local_charges.py): at most this many charges are kept (past it the oldest are dropped, logged),
+    # retried every `local_charge_retry_s` while any are queued.
+    local_charge_max_pending: int = Field(100_000, ge=1, le=10_000_000)
+    local_charge_retry_s: float = Field(1.0, gt=0)
 
     default_max_output_tokens: int = Field(1024, gt=0)
     # A breaker per inference replica opens on `fail_max` consecutive faults, or on an error rate of at

@@ -53,6 +53,9 @@ VALID: dict[str, list[Message]] = {
     "ReconcileSpend": [ratelimit_pb2.ReconcileSpendRequest(
         scope=common_pb2.LIMIT_SCOPE_ORG, scope_id="o1", kind=ratelimit_pb2.LIMIT_KIND_BUDGET_DAILY_NANO_USD,
         window_time=timestamp_pb2.Timestamp(seconds=1_800_000_000), ledger_spent_nano_usd=5)],
+    "Charge": [ratelimit_pb2.ChargeRequest(subject=_SUBJECT, charge_id="c1", requests=1, tokens=100,
+                                           cost_nano_usd=1000, used_at=timestamp_pb2.Timestamp(seconds=1_800_000_000)),
+               ratelimit_pb2.ChargeRequest(subject=_SUBJECT, charge_id="c2", requests=1, tokens=100)],
 }
 
 

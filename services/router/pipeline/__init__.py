@@ -10,6 +10,7 @@
 7. ``account.py``      - the price of the answer, then commit, cache store and ledger, exactly once
 
 ``gateway.py`` runs them; ``request.py`` is the state they share; ``ports.py`` what they ask of other
-services. ``degradation.py``, ``shedding.py`` and ``local_limits.py`` (the
-limiter used while the ratelimit service is unreachable) serve admission. No module here imports gRPC.
+services. ``degradation.py``, ``shedding.py``, ``local_limits.py`` (the
+limiter used while the ratelimit service is unreachable) and ``local_charges.py`` (what it admitted, charged to
+the service when it answers again) serve admission. No module here imports gRPC.
 """

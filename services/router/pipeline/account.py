@@ -21,8 +21,9 @@ from libs.errors import TollgateError
 from libs.log_throttle import ThrottledLog
 from libs.rag_context import cited_chunk_ids
 from services.router.ledger.events import UsageEvent, utcnow
+from services.router.pipeline.local_charges import LocalCharges
 from services.router.pipeline.local_limits import LocalLimiter
-from services.router.pipeline.ports import CacheClient, RateLimitClient, UsageSink
+from services.router.pipeline.ports import CacheClient, Charge, RateLimitClient, UsageSink
 from services.router.pipeline.request import RequestState, Summary
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,12 @@ SETTLE_TIMEOUT_S = 5.0
 
 class AccountStage:
     def __init__(self, ratelimit: RateLimitClient, cache: CacheClient, usage: UsageSink,
-                 local: LocalLimiter | None = None):
+                 local: LocalLimiter | None = None, charges: LocalCharges | None = None):
         # Per-request fallbacks: one line per reason per 10 s, with the count held back.
         self._throttled = ThrottledLog(log)
         self._ratelimit = ratelimit
         self._local = local
+        self._charges = charges
         self._cache = cache
         self._usage = usage
         self._pending: set[asyncio.Task[None]] = set()
@@ -102,12 +104,17 @@ class AccountStage:
         if state.reserving is not None and state.reserving.done() and not state.reserving.cancelled():
             state.reserving.exception()  # retrieved: a refused reservation is no settlement's business
         served = state.cache_tier == "miss" and bool(state.text or state.usage)
-        if self._local is not None and state.local_hold is not None:
+        hold = state.local_hold
+        if self._local is not None and hold is not None:
             # This router's own record (what its local limiter counts while the limiter is unreachable).
             if served:
-                self._local.settle(state.local_hold, tokens=tokens, cost=cost)
+                self._local.settle(hold, tokens=tokens, cost=cost)
             else:
-                self._local.release(state.local_hold)
+                self._local.release(hold)
+            if served and hold.local and self._charges is not None:
+                # Admitted without the ratelimit service: charged to it when it answers again.
+                self._charges.add(Charge(state.key.principal, state.cmd.client_ip, state.request_id, 1, tokens,
+                                         cost, state.started_at.timestamp()))
         try:
             if state.reservation is not None:
                 if served:

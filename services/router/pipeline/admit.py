@@ -12,7 +12,10 @@ miss pays one round trip instead of two. When the ratelimit service cannot answe
 DeadlineExceeded, its breaker open), this router's local limiter (``local_limits.py``) decides instead,
 within this router's share of every limit and counting what this router admitted in the current windows;
 a request it admits is marked degraded ``ratelimit_unavailable``. Without a local limiter (tests), the
-request is admitted unreserved, marked.
+request is admitted unreserved, marked. What the local limiter admitted is charged to the ratelimit service
+once it answers again (``local_charges.py``): while charges are queued or on their way, admission starts
+their delivery and admits locally, so the service never admits from buckets that do not know yet what this
+router admitted alone.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from libs.deadlines import Deadline
 from libs.errors import DeadlineExceeded, QuotaExceeded, Unavailable
 from libs.log_throttle import ThrottledLog
 from services.router.pipeline.degradation import DegradationController, Level
+from services.router.pipeline.local_charges import LocalCharges
 from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.ports import RateLimitClient
 from services.router.pipeline.request import RequestState
@@ -46,11 +50,12 @@ def is_budget_exhausted(exc: QuotaExceeded) -> bool:
 class AdmitStage:
     def __init__(self, ratelimit: RateLimitClient, *, default_max_output_tokens: int, side_timeout_s: float,
                  degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
-                 local: LocalLimiter | None = None):
+                 local: LocalLimiter | None = None, charges: LocalCharges | None = None):
         # One line per outcome and reason per 10 s while the limiter is away (the ledger marks each request).
         self._throttled = ThrottledLog(log)
         self._ratelimit = ratelimit
         self._local = local
+        self._charges = charges
         self._default_max_output = default_max_output_tokens
         self._side_timeout_s = side_timeout_s
         self._degradation = degradation
@@ -81,6 +86,8 @@ class AdmitStage:
         estimate = TokenUsage(state.prompt_tokens(), max_out)
         cost = state.price.cost(estimate)
         try:
+            if self._charges is not None:
+                self._charges.require_delivered()
             state.reservation = await self._ratelimit.reserve(
                 state.key.principal, cmd.client_ip, state.request_id, estimate.total, cost,
                 deadline.within(self._side_timeout_s))

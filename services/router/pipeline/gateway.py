@@ -24,6 +24,7 @@ from services.router.pipeline.degradation import DegradationController, Level
 from services.router.pipeline.failover import RetryPolicy
 from services.router.pipeline.generate import GenerateStage
 from services.router.pipeline.hedging import Hedger
+from services.router.pipeline.local_charges import LocalCharges
 from services.router.pipeline.local_limits import LocalLimiter
 from services.router.pipeline.lookup import LookupStage
 from services.router.pipeline.ports import (
@@ -54,17 +55,19 @@ class Gateway:
                  retrieval_timeout_s: float = 0.75, retry: RetryPolicy = RetryPolicy(),
                  degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
                  auto_router: AutoRouter | None = None, experiments: ExperimentAssigner | None = None,
-                 local_limits: LocalLimiter | None = None, hedger: Hedger | None = None):
+                 local_limits: LocalLimiter | None = None, hedger: Hedger | None = None,
+                 local_charges: LocalCharges | None = None):
         self._registry = registry
         self._route = RouteStage(registry, auto_router, experiments)
         self._retrieve = RetrieveStage(retrieval, retrieval_timeout_s)
         self._lookup = LookupStage(cache, registry, side_call_timeout_s)
         self._admit = AdmitStage(ratelimit, default_max_output_tokens=default_max_output_tokens,
                                  side_timeout_s=side_call_timeout_s, degradation=degradation, shedder=shedder,
-                                 local=local_limits)
+                                 local=local_limits, charges=local_charges)
         self._generate = GenerateStage(inference, registry, self._route, self._admit, retry=retry,
                                        default_max_output_tokens=default_max_output_tokens, hedger=hedger)
-        self._account = AccountStage(ratelimit, cache, usage, local_limits)
+        self._account = AccountStage(ratelimit, cache, usage, local_limits, local_charges)
+        self._charges = local_charges
 
     def resolve_chain(self, key: KeyRecord, cmd: GenerateCommand) -> list[ModelEntry]:
         return self._route.resolve_chain(key, cmd)
@@ -162,5 +165,8 @@ class Gateway:
         return hit
 
     async def aclose(self) -> None:
-        """Wait for in-flight settlements (shutdown must not lose usage)."""
+        """Wait for in-flight settlements (shutdown must not lose usage), then try once more to deliver the
+        charges for local admissions."""
         await self._account.aclose()
+        if self._charges is not None:
+            await self._charges.aclose()

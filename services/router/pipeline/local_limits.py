@@ -23,9 +23,37 @@ unreachable, router i admits locally only while its own count stays within A_i, 
 where S is what the ratelimit service admitted in W before it failed, S_i the part through router
 i. When the failure finds every router at or past its share (the usual case for a key being
 limited, e.g. all its traffic through one router), admitted(W) <= max(S, L): no extra at all; at
-worst one extra L. The windows are counted conservatively (one slot more than the period). Not
-covered: a router that restarts during the outage has no record (it may admit its A_i afresh), and
-for budgets the record covers only the spend this router saw since it started.
+worst one extra L. The windows are counted conservatively (one slot more than the period).
+
+Switch-back: every request admitted here and served is charged to the ratelimit service
+(``local_charges.py``: ``RateLimitService.Charge``, drawn from its buckets without refusing, stopping
+at zero, the cost committed to its budgets, once per request id), and admission reserves with the
+service again only once the queued charges are delivered (admitting here until then). So when
+the service returns its buckets already hold this router's local admissions, not a fresh bucket: in
+any window W of a limit L spanning the switch-back, with one router,
+
+    admitted(W) <= L + refill(W) = L + L * |W| / P
+
+what a token bucket of capacity L refilling over its period P allows (the service's admissions before
+the outage are in its buckets already; the local ones are drawn at the return as if reserved then;
+with one router they always fit in what the bucket held, since its share counts the service's
+admissions), up to the charges not yet delivered: those of requests still generating at the
+switch-back (queued once they settle: at most the requests in flight) and any dropped (queue
+overflow, logged; a router that exits with charges queued). With R routers each delivers its own
+charges before it reserves with the service again (and within ``retry_s`` without traffic), so
+admissions through the others may miss them until then (charges not yet delivered, as above); and a
+charge stops at zero, so local admissions beyond what the service's bucket still held are forgiven,
+not carried as debt: admitted(W) <= L + refill(W) when they fit, else at most the outage's bound
+plus refill, S + sum_i max(0, A_i - S_i) + refill(W) <= S + L + refill(W).
+
+Charges are conservative: usage in the last period is drawn in full at the return (the service skips
+a bucket whose period has passed since the request started), so a key that used its limit during the
+outage may wait up to one period for a full bucket, never longer (buckets stop at zero). Budgets are
+exact: the cost lands in the window the request started in, as the ledger dates it. Not covered: a
+router that restarts during the outage has no record (it may admit its A_i afresh, and its queued
+charges are lost); for budgets the record covers only the spend this router saw since it started; a
+reservation a hung service made before the router gave up on it (and admitted it here) is charged
+twice until the service's sweep refunds it at its expiry (conservative).
 """
 
 from __future__ import annotations
@@ -117,6 +145,7 @@ class LocalHold:
     at: float
     tokens: int
     cost: int
+    local: bool = False  # admitted by this limiter (not reserved by the service): charged to it once served
 
 
 def _windows(at: float) -> tuple[str, str]:
@@ -186,7 +215,7 @@ class LocalLimiter:
             self._check(level, now, tokens, cost, refusals)
         if refusals.violations:
             raise refusals.error()
-        return self._record(levels, tokens, cost)
+        return self._record(levels, tokens, cost, local=True)
 
     def _check(self, level: Level, now: float, tokens: int, cost: int, refusals: _Refusals) -> None:
         tally = self._tallies.get((level.scope, level.scope_id)) or _Tally()
@@ -213,7 +242,7 @@ class LocalLimiter:
                                     f"{datetime.fromtimestamp(end, UTC):%Y-%m-%dT%H:%M:%SZ})",
                              end - now, budget=True)
 
-    def _record(self, levels: Sequence[Level], tokens: int, cost: int) -> LocalHold:
+    def _record(self, levels: Sequence[Level], tokens: int, cost: int, *, local: bool = False) -> LocalHold:
         now = self._clock()
         self._maybe_prune(now)
         for level in levels:
@@ -223,7 +252,7 @@ class LocalLimiter:
             tally.tokens_day.add(now, tokens)
             for window in _windows(now):
                 tally.spend[window] = tally.spend.get(window, 0) + cost
-        return LocalHold(tuple((level.scope, level.scope_id) for level in levels), now, tokens, cost)
+        return LocalHold(tuple((level.scope, level.scope_id) for level in levels), now, tokens, cost, local)
 
     def settle(self, hold: LocalHold, *, tokens: int, cost: int) -> None:
         """Accounting committed the request: its actual tokens and cost replace the estimate."""

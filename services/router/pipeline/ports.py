@@ -44,6 +44,19 @@ class Reservation:
     degraded: bool
 
 
+@dataclass(frozen=True)
+class Charge:
+    """Usage this router's local limiter admitted, owed to the ratelimit service (``local_charges.py``)."""
+
+    principal: Principal
+    client_ip: str
+    request_id: str  # the idempotency id: the service draws a request id once
+    requests: int
+    tokens: int
+    cost_nano_usd: int
+    at: float  # when the request started (Unix seconds): its budget window, and how much has refilled since
+
+
 class CacheClient(Protocol):
     async def lookup(self, ns: CacheNamespace, model: str, messages: list[ChatMessage], params: GenerationParams,
                      *, max_age_s: int, allow_stale: bool, exact_only: bool, deadline: Deadline,
@@ -61,6 +74,12 @@ class RateLimitClient(Protocol):
                      deadline: Deadline) -> None: ...
 
     async def release(self, reservation_id: str, deadline: Deadline) -> None: ...
+
+
+class ChargeClient(Protocol):
+    async def charge(self, charge: Charge, deadline: Deadline) -> None:
+        """Draw ``charge`` from the subject's buckets and budgets, never refused; idempotent per request id."""
+        ...
 
 
 class RetrievalClient(Protocol):
