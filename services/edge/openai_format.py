@@ -668,6 +668,7 @@ _PARAM_RENAMES = {"max_output_tokens": "max_tokens", "user_id": "user", "cache_c
                   "labels": "metadata"}
 _LEADING_NAME = re.compile(r"([A-Za-z0-9_]*)(.*)", re.DOTALL)
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+DEFAULT_UNAVAILABLE_RETRY_AFTER_S = 1.0
 
 
 def openai_param(field_path: str) -> str:
@@ -711,6 +712,10 @@ def error_reply(error: TollgateError, code: str | None = None) -> ErrorReply:
     elif status == 429:
         reason = "insufficient_quota" if error.reason == BUDGET_EXHAUSTED else "rate_limit_exceeded"
     retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is None and status == 503:
+        # Every 503 says when to come back (clients and proxies back off on it); the router's own hint when it
+        # gave one, else a second: a killed part is restarted and probed again within about that.
+        retry_after = DEFAULT_UNAVAILABLE_RETRY_AFTER_S
     if retry_after is not None and status in (429, 503):
         headers = retry_after_headers(retry_after)
     if status == 500:

@@ -27,9 +27,9 @@ class RouterSettings(ServiceSettings, RedisSettings, DatabaseSettings):
     hop_margin_s: float = Field(0.02, ge=0)
     # Side calls (cache, ratelimit) must be quick; a slow one is skipped or failed open.
     side_call_timeout_s: float = Field(0.5, gt=0)
-    # Retrieval (embedding + hybrid search, p99 about 15 ms at 50k chunks) gets longer; past it, optional
-    # retrieval is skipped. Under 1 s so that a hung retrieval service keeps requests under 1 s (issue 24).
-    retrieval_timeout_s: float = Field(0.75, gt=0)
+    # Retrieval (embedding + hybrid search, p99 about 15 ms at 50k chunks) gets the same cap; past it, optional
+    # retrieval is skipped. Well under 1 s so that a hung retrieval service keeps requests under 1 s (issue 24).
+    retrieval_timeout_s: float = Field(0.5, gt=0)
 
     # Positive key lookups are cached this long. Revocations are also broadcast on Redis (immediate);
     # this bounds revocation latency when the broadcast is lost (Redis down).

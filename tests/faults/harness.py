@@ -149,6 +149,7 @@ class FaultMesh:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     failure: BaseException | None = None
+    limited_keys: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, data_dir: Path, replicas: int = 2, extra_env: dict[str, str] | None = None) -> FaultMesh:
@@ -176,7 +177,14 @@ class FaultMesh:
         fm = cls(mesh, admin_key, units)
         fm._thread = threading.Thread(target=fm._supervise, name="fault-supervisor", daemon=True)
         fm._thread.start()
+        # A fresh limited key per row (a full bucket each), all made now: by the time a row uses one its limit
+        # has long reached the ratelimit service and the router's limit book, whatever the row before it hung.
+        fm.limited_keys = asyncio.run(_make_limited_keys(fm, len(FAULTS) + 2))
+        time.sleep(2.0)
         return fm
+
+    def take_limited_key(self) -> str:
+        return self.limited_keys.pop(0)
 
     def _supervise(self) -> None:
         supervisor = Supervisor(list(self.units.values()), report=self.supervisor_log.append)
@@ -252,6 +260,10 @@ async def make_key(fm: FaultMesh, name: str, rpm: int = 0) -> tuple[str, str]:
             await admin.SetLimits(admin_pb2.SetLimitsRequest(
                 scope=common_pb2.LIMIT_SCOPE_KEY, scope_id=created.key_id, requests_per_minute=rpm), metadata=md)
     return created.key_id, created.key
+
+
+async def _make_limited_keys(fm: FaultMesh, n: int) -> list[str]:
+    return [(await make_key(fm, f"faults-limited-{i}", rpm=LIMITED_KEY_RPM))[1] for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------- the load
@@ -562,8 +574,7 @@ async def run_row(fm: FaultMesh, fault: Fault, timing: Timing) -> RowResult:
     """Load, the fault at ``fault_at_s``, load until ``recover_s + post_s`` after it ended; then the ledger."""
     tag = uuid.uuid4().hex[:8]
     _, key = await make_key(fm, f"faults-load-{tag}")
-    _, limited = await make_key(fm, f"faults-limited-{tag}", rpm=LIMITED_KEY_RPM)
-    await asyncio.sleep(1.5)  # the limit reaches the ratelimit service and the router's limit book
+    limited = fm.take_limited_key()
     log_from = len(fm.supervisor_log)
     load = Load(fm, key, limited, timing, tag)
     runner = asyncio.create_task(load.run())

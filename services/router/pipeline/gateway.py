@@ -52,7 +52,7 @@ class Gateway:
     def __init__(self, *, registry: Registry, cache: CacheClient, ratelimit: RateLimitClient,
                  inference: InferenceClient, usage: UsageSink, default_max_output_tokens: int,
                  side_call_timeout_s: float, retrieval: RetrievalClient | None = None,
-                 retrieval_timeout_s: float = 0.75, retry: RetryPolicy = RetryPolicy(),
+                 retrieval_timeout_s: float = 0.5, retry: RetryPolicy = RetryPolicy(),
                  degradation: DegradationController | None = None, shedder: LoadShedder | None = None,
                  auto_router: AutoRouter | None = None, experiments: ExperimentAssigner | None = None,
                  local_limits: LocalLimiter | None = None, hedger: Hedger | None = None,

@@ -246,7 +246,8 @@ def _budget() -> QuotaExceeded:
     (Overloaded("shedding", 2.0), "RESOURCE_EXHAUSTED", 429, "rate_limit_error", "rate_limit_exceeded", "2"),
     (Unavailable("no backend", reason="NO_BACKEND", retry_after_s=1.5), "UNAVAILABLE", 503, "server_error",
      "no_backend", "2"),
-    (Unavailable("router down"), "UNAVAILABLE", 503, "server_error", "unavailable", None),
+    # Every 503 says when to come back: a second when the router gave no hint.
+    (Unavailable("router down"), "UNAVAILABLE", 503, "server_error", "unavailable", "1"),
     (DeadlineExceeded("late"), "DEADLINE_EXCEEDED", 504, "server_error", "deadline_exceeded", None),
     (Unavailable("boom", reason="INTERNAL_ERROR"), "INTERNAL", 500, "server_error", "internal_error", None),
     (Unavailable("huh"), "UNKNOWN", 500, "server_error", "internal_error", None),
