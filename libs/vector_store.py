@@ -6,7 +6,8 @@ fields every search must filter on); both sit on what is here:
 
 - the backend-neutral payload filter (:class:`Match`, :class:`MatchAny`, :class:`Range`, :class:`Filter`),
   so a service states its conditions once and no service touches engine types to filter;
-- :class:`PointStore`, the blocking point-level protocol (upsert, search, count, delete, optimize, close);
+- :class:`PointStore`, the blocking point-level protocol (upsert, search, count, delete, the ids lowest in a
+  numeric field, optimize, close);
 - :class:`EdgePointStore`, that protocol on one embedded shard: opened from a folder (created when empty,
   loaded otherwise; a temporary folder removed on close when there is none), payload indexes made
   idempotently, a shard made with other vectors refused as ``FailedPrecondition``/``COLLECTION_MISMATCH``,
@@ -234,8 +235,15 @@ class PointStore(Protocol):
 
     def delete(self, flt: Filter) -> None: ...
 
+    def delete_ids(self, point_ids: Sequence[str]) -> None: ...
+
+    def lowest(self, key: str, limit: int) -> list[str]:
+        """The ids of the ``limit`` points with the lowest value of the numeric payload field ``key`` (indexed)."""
+        ...
+
     def optimize(self) -> None:
-        """Build the search index of what was written since the last time (may take seconds)."""
+        """Build the search index of what was written since the last time, vacuum deleted points and release
+        what that replaced (may take seconds)."""
         ...
 
     def close(self) -> None:
@@ -367,10 +375,24 @@ class EdgePointStore:
     def delete(self, flt: Filter) -> None:
         self.shard.update(qe.UpdateOperation.delete_points_by_filter(to_edge_filter(flt)))
 
+    def delete_ids(self, point_ids: Sequence[str]) -> None:
+        if point_ids:
+            self.shard.update(qe.UpdateOperation.delete_points(list(point_ids)))
+
+    def lowest(self, key: str, limit: int) -> list[str]:
+        records, _ = self.shard.scroll(qe.ScrollRequest(limit=limit, order_by=qe.OrderBy(key, qe.Direction.Asc),
+                                                        with_payload=False, with_vector=False))
+        return [str(r.id) for r in records]
+
     def optimize(self) -> None:
+        # A deleted point only leaves memory and disk when the optimizer rewrites (vacuums) its segment, and
+        # the engine keeps the segments an optimisation replaced, mapped, until the next flush; the embedded
+        # engine neither optimises nor flushes on a timer. So: optimise, then flush (which also truncates the
+        # write-ahead log).
         with self._lock:
             if not self._closed:
                 self.shard.optimize()
+                self.shard.flush()
 
     @property
     def closed(self) -> bool:

@@ -65,6 +65,11 @@ def semantic_prompt(key: CacheKey, max_chars: int) -> str | None:
     return text
 
 
+def _analysis_bytes(a: Analysis) -> int:
+    # The arrays, the text, and a rough 100 bytes per word for its two strings.
+    return a.vector.nbytes + a.word_vectors.nbytes + a.word_weights.nbytes + len(a.text) + 100 * len(a.words)
+
+
 class UnavailableTier:
     """Stands in for the semantic tier when its model could not be loaded: never answers, reports why."""
 
@@ -101,7 +106,7 @@ class SemanticTier:
                  policy: Callable[[CacheKey], SemanticPolicy] = lambda _k: SemanticPolicy(),
                  on_rejected: Callable[[CacheKey, str], None] = lambda _k, _r: None,
                  candidates: int = 4, min_cosine: float = 0.5, max_prompt_chars: int = 2000,
-                 recheck_s: float = 5.0, analysis_cache: int = 4096,
+                 recheck_s: float = 5.0, analysis_cache: int = 4096, analysis_cache_bytes: int = 16 * 1024 * 1024,
                  monotonic: Callable[[], float] = time.monotonic):
         self._store = store
         self._embedder = embedder
@@ -117,9 +122,12 @@ class SemanticTier:
         self._down_until = 0.0
         self._down_since: float | None = None
         self._last_error = ""
-        # Cached prompts are analysed again on every candidate check; keep the recent ones.
+        # Cached prompts are analysed again on every candidate check; keep the recent ones, bounded by count
+        # and by bytes (an analysis holds a vector per word: ~1 KiB a word, up to 512 words a prompt).
         self._analyses: OrderedDict[str, Analysis] = OrderedDict()
         self._analysis_cache = analysis_cache
+        self._analysis_cache_bytes = analysis_cache_bytes
+        self._analyses_bytes = 0
 
     # --- CacheTier ---
     async def lookup(self, key: CacheKey, options: LookupOptions, now: float) -> CacheHit | None:
@@ -181,7 +189,7 @@ class SemanticTier:
             self._fault(exc)
             return ""
         self._ok()
-        self._analyses.pop(point_id, None)
+        self._forget_analysis(point_id)
         return f"semantic:{point_id}"
 
     async def invalidate(self, scope: InvalidationScope) -> int:
@@ -212,14 +220,26 @@ class SemanticTier:
     # --- internals ---
     def _analysis(self, point_id: str, prompt: str) -> Analysis:
         a = self._analyses.get(point_id)
-        if a is None or a.text != prompt:
-            a = self._embedder.analyze(prompt)
-            self._analyses[point_id] = a
-            if len(self._analyses) > self._analysis_cache:
-                self._analyses.popitem(last=False)
-        else:
+        if a is not None and a.text == prompt:
             self._analyses.move_to_end(point_id)
+            return a
+        self._forget_analysis(point_id)
+        a = self._embedder.analyze(prompt)
+        self._analyses[point_id] = a
+        self._analyses_bytes += _analysis_bytes(a)
+        while len(self._analyses) > self._analysis_cache or self._analyses_bytes > self._analysis_cache_bytes:
+            self._forget_analysis(next(iter(self._analyses)))
         return a
+
+    def _forget_analysis(self, point_id: str) -> None:
+        a = self._analyses.pop(point_id, None)
+        if a is not None:
+            self._analyses_bytes -= _analysis_bytes(a)
+
+    @property
+    def analysis_cache_bytes(self) -> int:
+        """What the cached analyses hold (approximately)."""
+        return self._analyses_bytes
 
     def _available(self) -> bool:
         # While down, requests skip the store until the recheck time; then one tries it again.

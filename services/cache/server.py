@@ -105,9 +105,10 @@ def build_semantic(settings: CacheSettings, on_rejected: Callable[[CacheKey, str
     if settings.qdrant_url:
         vectors = QdrantClientVectorStore.connect(settings.qdrant_url, settings.qdrant_api_key,
                                                   f"{settings.qdrant_collection}_{embedder.dim}", embedder.dim,
-                                                  timeout_s=settings.qdrant_timeout_s)
+                                                  timeout_s=settings.qdrant_timeout_s,
+                                                  max_entries=settings.semantic_max_entries)
     else:
-        vectors = EdgeVectorStore(settings.vector_path(), embedder.dim)
+        vectors = EdgeVectorStore(settings.vector_path(), embedder.dim, max_entries=settings.semantic_max_entries)
 
     def policy(key: CacheKey) -> SemanticPolicy:
         p = settings.policy_for(key.namespace.tenant_id, key.namespace.model_class)

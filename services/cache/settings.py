@@ -79,6 +79,9 @@ class CacheSettings(ServiceSettings, RedisSettings):
     vector_recheck_s: float = Field(5.0, gt=0, le=3600)
     # How often expired points are swept from the vector store.
     vector_sweep_s: float = Field(300.0, gt=0)
+    # The most entries the vector store keeps, whatever the TTLs: past it, those retained the shortest are
+    # evicted (1 % at a time). An entry is its vector (1 KiB at 256 dimensions) plus its prompt and answer.
+    semantic_max_entries: int = Field(50_000, ge=1)
     # Per-tenant / per-model-class overrides, JSON: {"acme": {"ttl_s": 600}, "acme/fast": {"semantic_threshold": 0.95}}.
     namespace_policies: dict[str, NamespacePolicy] = Field(default_factory=dict)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import qdrant_edge as qe
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tollgate.cache.v1 import cache_pb2, cache_pb2_grpc
@@ -246,3 +247,25 @@ async def test_semantic_tier_without_a_model_reports_degraded(redis_url: str, re
         assert (await stub.Lookup(cache_pb2.LookupRequest(key=key()))).tier == common_pb2.CACHE_TIER_EXACT
         stats = await stub.GetStats(cache_pb2.GetStatsRequest())
         assert stats.degraded and "no embedding model" in stats.degraded_detail
+
+
+async def test_the_semantic_store_keeps_at_most_its_bound_and_the_oldest_go_first(
+        redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
+    """TOLLGATE_CACHE_SEMANTIC_MAX_ENTRIES bounds the vector store whatever the TTLs (issue 24)."""
+    from libs.vector_store import EdgePointStore, ShardConfig
+    from services.cache.embedding import StaticEmbedder
+
+    bound, stores = 10, 30
+    async for stub, _ in _serve(redis_url, redis_prefix, data_dir=str(tmp_path), semantic_max_entries=bound):
+        for i in range(stores):
+            # Longer TTLs for later writes: retained-until grows strictly with i, whatever the clock's resolution.
+            await stub.Store(cache_pb2.StoreRequest(key=key(text=f"What does error code {i} of the printer mean?"),
+                                                    content=f"Answer {i}.", usage=USAGE, ttl_seconds=100 + i))
+        assert (await stub.GetStats(cache_pb2.GetStatsRequest(tenant_id="acme"))).stores == stores
+    shard = EdgePointStore.open(tmp_path / "cache-vectors", ShardConfig(dim=StaticEmbedder(static_model_dir()).dim))
+    try:
+        records, _ = shard.shard.scroll(qe.ScrollRequest(limit=100, with_payload=True, with_vector=False))
+    finally:
+        shard.close()
+    assert sorted(str((r.payload or {})["content"]) for r in records) == sorted(
+        f"Answer {i}." for i in range(stores - bound, stores))

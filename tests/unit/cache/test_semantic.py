@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from libs.chat import TokenUsage
 from services.cache.cache import CacheTier, ResponseCache
-from services.cache.domain import InvalidationScope, LookupOptions, TierKind, TokenPrice
+from services.cache.domain import InvalidationScope, LookupOptions, NewEntry, TierKind, TokenPrice
 from services.cache.embedding import StaticEmbedder
 from services.cache.exact import ExactTier, RedisExactStore
 from services.cache.semantic import SemanticPolicy, SemanticTier, context_id
@@ -282,3 +282,34 @@ def test_edge_store_persists_under_its_path(tmp_path: Path, embedder: StaticEmbe
         return n, len(found)
 
     assert asyncio.run(roundtrip()) == (1, 1)
+
+
+async def test_the_sweep_removes_an_entry_only_past_its_ttl_and_the_stale_window(embedder: StaticEmbedder,
+                                                                                 verifier: Verifier) -> None:
+    vectors = EdgeVectorStore(None, embedder.dim)
+    tier = SemanticTier(vectors, embedder, verifier, stale_window_s=600)
+    try:
+        now = 1_700_000_000.0
+        assert await tier.store(chat_key("How do I reset my password?"), NewEntry("answer", USAGE, ttl_s=30), now)
+        assert await tier.sweep(now + 30) == 0  # expired, but still served stale
+        assert await tier.sweep(now + 629.9) == 0
+        assert await tier.sweep(now + 630) == 1
+        assert await vectors.count() == 0
+    finally:
+        await vectors.aclose()
+
+
+async def test_cached_analyses_stay_within_their_byte_bound(embedder: StaticEmbedder, verifier: Verifier) -> None:
+    """The candidates' analyses are cached (a vector per word); long prompts must not make that unbounded."""
+    vectors = EdgeVectorStore(None, embedder.dim)
+    bound = 256 * 1024  # about three analyses of these prompts
+    tier = SemanticTier(vectors, embedder, verifier, stale_window_s=0, analysis_cache_bytes=bound)
+    try:
+        now = 1_700_000_000.0
+        filler = " ".join(["please tell me about the fees of my savings account and card"] * 6)
+        for i in range(40):
+            await tier.store(chat_key(f"{filler} case {i}"), NewEntry("answer", USAGE, ttl_s=60), now)
+            await tier.lookup(chat_key(f"{filler} case {i + 1000}"), LookupOptions(), now)
+            assert 0 < tier.analysis_cache_bytes <= bound
+    finally:
+        await vectors.aclose()
