@@ -69,7 +69,9 @@ class _Listener(pybreaker.CircuitBreakerListener):
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object, new_state: object) -> None:
         new = str(getattr(new_state, "name", new_state))
-        log.warning("breaker %s: %s -> %s", cb.name, getattr(old_state, "name", old_state), new)
+        old = str(getattr(old_state, "name", old_state))
+        if old != new:  # calls that were in flight when it opened fail afterwards and "reopen" it: not news
+            log.warning("breaker %s: %s -> %s", cb.name, old, new)
         self._on_change(new)
 
 
