@@ -464,10 +464,14 @@ class RowResult:
     @property
     def limited_bound(self) -> int:
         """What the key's limit allows over the row: a token bucket of ``limit`` refilling ``limit`` per minute
-        admits at most ``limit + limit * T / 60`` in T seconds (the same with or without the fault)."""
-        starts = [s.start for s in self.samples if s.limited_key]
-        span = max(starts) - min(starts) if starts else 0.0
-        forgotten = math.ceil(self.fault.forgotten_s * len(starts) / span) if span else 0
+        admits at most ``limit + limit * T / 60`` in T seconds (the same with or without the fault), T from the
+        key's first request sent to its last answered."""
+        limited = [s for s in self.samples if s.limited_key]
+        if not limited:
+            return self.limit
+        # Every admission of the key happened between its first send and its last answer.
+        span = max(s.end for s in limited) - min(s.start for s in limited)
+        forgotten = math.ceil(self.fault.forgotten_s * len(limited) / span) if span else 0
         return self.limit + int(self.limit * span / 60.0) + forgotten
 
 
