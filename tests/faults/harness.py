@@ -183,7 +183,12 @@ class FaultMesh:
         time.sleep(2.0)
         return fm
 
-    def take_limited_key(self) -> str:
+    async def take_limited_key(self) -> str:
+        """A limited key no row has used; when the ones made at start are spent (rows run again), a new one, after
+        the wait for its limit to arrive."""
+        if not self.limited_keys:
+            self.limited_keys = await _make_limited_keys(self, 4)
+            await asyncio.sleep(2.0)
         return self.limited_keys.pop(0)
 
     def _supervise(self) -> None:
@@ -578,7 +583,7 @@ async def run_row(fm: FaultMesh, fault: Fault, timing: Timing) -> RowResult:
     """Load, the fault at ``fault_at_s``, load until ``recover_s + post_s`` after it ended; then the ledger."""
     tag = uuid.uuid4().hex[:8]
     _, key = await make_key(fm, f"faults-load-{tag}")
-    limited = fm.take_limited_key()
+    limited = await fm.take_limited_key()
     log_from = len(fm.supervisor_log)
     load = Load(fm, key, limited, timing, tag)
     runner = asyncio.create_task(load.run())

@@ -125,7 +125,7 @@ async def saturation(fm: FaultMesh, key: str, seconds: float = 10.0, concurrency
 async def soak(fm: FaultMesh, minutes: float, warmup_s: float, sample_s: float,
                rate: float | None) -> tuple[Load, dict[str, Series], float, list[str]]:
     _, key = await make_key(fm, "soak-load")
-    limited = fm.take_limited_key()
+    limited = await fm.take_limited_key()
     measured = await saturation(fm, key)
     total_rate = rate if rate is not None else measured / 2
     clients = 4
