@@ -205,8 +205,9 @@ def summarize(load: Load, series: dict[str, Series], measured: float, missing: S
         f"{warmup_s / 60:g} min. Each tollgate process's RSS must stay within 10 % of its level at the end of the "
         "warm-up; fds and threads must not grow (Redis and PostgreSQL are shown, not judged: their memory is "
         "the data they hold).", "",
-        f"- requests: {len(normal)} well-formed, {served} served ({served / max(1, len(normal)):.3%}; p50 {statistics.median(lat) * 1000 if lat else 0:.0f}"
-        f" ms, p99 {p99:.0f} ms); {len(bad)} malformed, {bad_refused} refused with 400; ledger: "
+        f"- requests: {len(normal)} well-formed, {served} served ({served / max(1, len(normal)):.3%}; "
+        f"p50 {statistics.median(lat) * 1000 if lat else 0:.0f} ms, p99 {p99:.0f} ms); "
+        f"{len(bad)} malformed, {bad_refused} refused with 400; ledger: "
         f"{'exact' if not missing else f'{len(missing)} missing'}",
         f"- verdict: {'pass' if not problems else 'FAIL: ' + '; '.join(problems)}", "",
         "RSS (MiB) per process:", "", curve(series), ""])
