@@ -498,21 +498,28 @@ class Bar:
     normal_p99_floor_s: float = 0.25
 
 
-def verdict(row: RowResult, baseline_p99_s: float, bar: Bar = Bar()) -> list[str]:
-    """What the row fails of the bar (empty: it passes)."""
+def _limit_and_ledger(row: RowResult) -> list[str]:
+    """The checks every row shares, whatever its latency bar: the mesh kept running, the limit held, the ledger."""
     problems: list[str] = []
     if row.mesh_failure:
         problems.append(f"the supervisor stopped the mesh: {row.mesh_failure}")
-    if row.served_share < bar.served_share:
-        problems.append(f"served {row.served}/{row.requests} ({row.served_share:.2%}); failures {row.failures}")
-    p99 = percentile(row.during, 0.99)
-    if p99 >= bar.p99_during_s:
-        problems.append(f"p99 while faulted {p99 * 1000:.0f} ms >= {bar.p99_during_s * 1000:.0f} ms")
     if row.limited_served > row.limited_bound:
         problems.append(f"limited key: {row.limited_served} served, over the {row.limited_bound} its limit of "
                         f"{row.limit}/min allows")
     if row.ledger_missing:
         problems.append(f"{len(row.ledger_missing)} served requests missing from the ledger")
+    return problems
+
+
+def verdict(row: RowResult, baseline_p99_s: float, bar: Bar = Bar()) -> list[str]:
+    """What the row fails of the bar (empty: it passes)."""
+    problems: list[str] = []
+    if row.served_share < bar.served_share:
+        problems.append(f"served {row.served}/{row.requests} ({row.served_share:.2%}); failures {row.failures}")
+    p99 = percentile(row.during, 0.99)
+    if p99 >= bar.p99_during_s:
+        problems.append(f"p99 while faulted {p99 * 1000:.0f} ms >= {bar.p99_during_s * 1000:.0f} ms")
+    problems += _limit_and_ledger(row)
     normal = max(bar.normal_p99_floor_s, bar.normal_p99_factor * baseline_p99_s)
     after = row.after
     if not after:
@@ -651,8 +658,6 @@ def verdict_single_replica(row: RowResult, bar: Bar = Bar()) -> list[str]:
     """With one inference replica killed: every request answered (cached, or after the restart) or refused
     cleanly within ``p99_during_s`` (HTTP 503 with Retry-After, gRPC UNAVAILABLE); none hangs; ledger exact."""
     problems: list[str] = []
-    if row.mesh_failure:
-        problems.append(f"the supervisor stopped the mesh: {row.mesh_failure}")
     unclean = [s for s in row.samples if not s.limited_key and not s.served
                and not ((s.outcome == "503" and s.retry_after) or s.outcome == "UNAVAILABLE")]
     if unclean:
@@ -661,9 +666,5 @@ def verdict_single_replica(row: RowResult, bar: Bar = Bar()) -> list[str]:
     slow_refusals = [s for s in row.samples if not s.served and s.latency >= bar.p99_during_s]
     if slow_refusals:
         problems.append(f"{len(slow_refusals)} refusals took {bar.p99_during_s:g} s or more")
-    if row.limited_served > row.limited_bound:
-        problems.append(f"limited key: {row.limited_served} served, over the {row.limited_bound} its limit of "
-                        f"{row.limit}/min allows")
-    if row.ledger_missing:
-        problems.append(f"{len(row.ledger_missing)} served requests missing from the ledger")
+    problems += _limit_and_ledger(row)
     return problems
